@@ -1,0 +1,1 @@
+"""Training, evaluation and model packs. ``medseg.train.packs`` is import-light (no training code)."""

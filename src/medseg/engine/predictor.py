@@ -1,0 +1,275 @@
+"""Tiled inference: normalise -> sliding-window tiles with overlap -> batches -> forward -> weighted
+blending -> argmax/threshold -> class values.
+
+Memory is bounded by one batch of tiles, one band of accumulated class scores (tile height x image
+width) and the output: rows are finalised into the uint8/uint16 label image as soon as no later tile
+can touch them, so no full-size float array per class exists unless probabilities are asked for.
+Frame stacks are processed frame by frame, with batches that may span frames.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from medseg.engine.devices import autocast, resolve_device
+from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run_sync
+from medseg.errors import InputError, UsageError
+from medseg.io.images import ImageData, describe_array
+from medseg.normalise import adapt_channels, check_not_constant
+from medseg.train.packs import ClassInfo, Pack
+
+
+@dataclass
+class PredictConfig:
+    """Run parameters of tiled inference, in one typed place."""
+
+    tile: int = 256
+    overlap: float = 0.25
+    batch_size: int = 4
+    device: str = "auto"
+    blend: str = "gaussian"  # "gaussian" (edges count less than the centre) or "constant"
+    sigma_scale: float = 0.125
+    probabilities: bool = False
+    probability_dtype: str = "float16"
+    threshold: float = 0.5  # for single-output (sigmoid) packs
+
+    def validate(self) -> None:
+        if self.tile < 16:
+            raise UsageError(f"Tile size {self.tile} is too small: use at least 16 pixels (256 is a good default).")
+        if not 0.0 <= self.overlap < 1.0:
+            raise UsageError(f"Overlap {self.overlap} must be at least 0 and below 1 (0.25 is a good default).")
+        if self.batch_size < 1:
+            raise UsageError(f"Batch size {self.batch_size} must be at least 1.")
+        if self.blend not in ("gaussian", "constant"):
+            raise UsageError(f"Blend mode '{self.blend}' is unknown: use 'gaussian' or 'constant'.")
+
+
+@dataclass
+class Prediction:
+    """Result of a prediction: label values (and optionally class probabilities)."""
+
+    labels: np.ndarray
+    classes: list[ClassInfo]
+    probabilities: np.ndarray | None = None
+    seconds: float = 0.0
+    tiles: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with windows of ``tile``; the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_weights(th: int, tw: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Per-pixel weight of a tile: a Gaussian bump (as MONAI/nnU-Net) or constant ones."""
+    if mode == "constant":
+        return np.ones((th, tw), np.float32)
+
+    def bump(n: int) -> np.ndarray:
+        sigma = max(n * sigma_scale, 1e-6)
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        return np.exp(-0.5 * (x / sigma) ** 2)
+
+    w = np.outer(bump(th), bump(tw))
+    w = w / w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)  # never zero: every pixel keeps a weight
+
+
+@dataclass
+class _Frame:
+    index: int
+    data: np.ndarray  # (H, W, C) model channels, original dtype
+    stats: tuple[float, float]
+    ys: list[int]
+    xs: list[int]
+    th: int
+    tw: int
+
+
+class _BandBlender:
+    """Accumulates weighted tile scores over a band of rows and finalises rows as they complete."""
+
+    def __init__(self, n_out: int, h: int, w: int, th: int, weights: torch.Tensor, device: torch.device) -> None:
+        self.h, self.w, self.th = h, w, th
+        self.acc = torch.zeros((n_out, th, w), dtype=torch.float32, device=device)
+        self.wsum = torch.zeros((th, w), dtype=torch.float32, device=device)
+        self.weights = weights
+        self.lo = 0  # first row held in the band
+
+    def add(self, scores: torch.Tensor, y: int, x: int) -> None:
+        r0 = y - self.lo
+        tw = scores.shape[-1]
+        self.acc[:, r0 : r0 + scores.shape[-2], x : x + tw] += scores * self.weights
+        self.wsum[r0 : r0 + scores.shape[-2], x : x + tw] += self.weights
+
+    def finalise(self, upto: int) -> tuple[int, torch.Tensor]:
+        """Return (first row, blended scores of rows [lo, upto)) and slide the band down."""
+        n = upto - self.lo
+        out = self.acc[:, :n] / self.wsum[:n]
+        start = self.lo
+        if n < self.th:
+            self.acc[:, : self.th - n] = self.acc[:, n:].clone()
+            self.wsum[: self.th - n] = self.wsum[n:].clone()
+        self.acc[:, max(self.th - n, 0) :] = 0
+        self.wsum[max(self.th - n, 0) :] = 0
+        self.lo = upto
+        return start, out
+
+
+class Predictor:
+    """Tiled, batched, blended inference of a :class:`Pack` on images and frame stacks."""
+
+    def __init__(self, pack: Pack, config: PredictConfig | None = None) -> None:
+        self.pack = pack
+        self.config = config or PredictConfig(tile=pack.tile, overlap=pack.overlap)
+        self.config.validate()
+        self.device = resolve_device(self.config.device)
+        self.model = pack.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        values = [c.value for c in pack.classes]
+        dtype = np.uint8 if max(values) <= 255 else (np.uint16 if max(values) <= 65535 else np.uint32)
+        self._lut = torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+        self.label_dtype = dtype
+
+    # ------------------------------------------------------------------ public API
+    def predict(self, image: np.ndarray | ImageData, rgb: bool | None = None, frames: list[int] | None = None) -> Prediction:
+        return run_sync(self.predict_iter(image, rgb=rgb, frames=frames))
+
+    def predict_iter(
+        self,
+        image: np.ndarray | ImageData,
+        rgb: bool | None = None,
+        frames: list[int] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Job[Prediction]:
+        """Generator: yields :class:`Progress` after every batch, returns the :class:`Prediction`.
+
+        ``frames`` restricts a stack to some frame indices (the output keeps only those frames).
+        """
+        data = image if isinstance(image, ImageData) else describe_array(np.asarray(image), rgb=rgb)
+        arr = data.array
+        stack = arr if data.is_stack else arr[None]
+        if frames is not None:
+            bad = [f for f in frames if not 0 <= f < stack.shape[0]]
+            if bad:
+                raise InputError(f"Frame(s) {bad} are outside the stack of {stack.shape[0]} frames: choose frames 0 to {stack.shape[0] - 1}.")
+            stack = stack[frames]
+        cfg = self.config
+        t0 = time.perf_counter()
+        prepared = [self._prepare(stack[i], data.rgb, i, data) for i in range(stack.shape[0])]
+        total = sum(len(f.ys) * len(f.xs) for f in prepared)
+        n_out = self.pack.num_outputs
+        t, h, w = stack.shape[0], stack.shape[1], stack.shape[2]
+        labels = np.zeros((t, h, w), dtype=self.label_dtype)
+        probs = np.zeros((t, max(n_out, 2) if self.pack.activation == "sigmoid" else n_out, h, w), dtype=cfg.probability_dtype) if cfg.probabilities else None
+
+        weights_cache: dict[tuple[int, int], torch.Tensor] = {}
+        blenders: dict[int, _BandBlender] = {}
+        done = 0
+        yield Progress(0, total, "starting")
+        for batch in _batches(_tile_specs(prepared), cfg.batch_size):
+            check_cancel(cancel)
+            inputs = np.stack([self.pack.normaliser.apply(f.data[y : y + f.th, x : x + f.tw], f.stats) for f, y, x, _ in batch])
+            scores = self._forward(torch.from_numpy(inputs))
+            for (f, y, x, last_in_row), s in zip(batch, scores):
+                key = (f.th, f.tw)
+                if key not in weights_cache:
+                    weights_cache[key] = torch.from_numpy(blend_weights(f.th, f.tw, cfg.blend, cfg.sigma_scale)).to(self.device)
+                blender = blenders.get(f.index)
+                if blender is None:
+                    blender = blenders[f.index] = _BandBlender(s.shape[0], h, w, f.th, weights_cache[key], self.device)
+                blender.add(s, y, x)
+                if last_in_row:
+                    next_y = _next_start(f.ys, y)
+                    start, blended = blender.finalise(next_y if next_y is not None else h)
+                    self._write(blended, start, labels[f.index], None if probs is None else probs[f.index])
+                    if next_y is None:
+                        del blenders[f.index]
+            done += len(batch)
+            yield Progress(done, total, f"{done}/{total} tiles")
+        seconds = time.perf_counter() - t0
+        if not data.is_stack:
+            labels = labels[0]
+            probs = None if probs is None else probs[0]
+        return Prediction(labels=labels, classes=list(self.pack.classes), probabilities=probs, seconds=seconds, tiles=total)
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, frame: np.ndarray, rgb: bool, index: int, data: ImageData) -> _Frame:
+        source = f"'{data.name}'" + (f" frame {index}" if data.is_stack else "")
+        check_not_constant(frame, source)
+        frame = adapt_channels(frame, rgb, self.pack.in_channels, source)
+        h, w = frame.shape[:2]
+        tile = self.config.tile
+        th, tw = min(tile, h), min(tile, w)
+        stride = lambda n: max(1, int(round(n * (1.0 - self.config.overlap))))  # noqa: E731
+        return _Frame(index, frame, self.pack.normaliser.frame_stats(frame), tile_starts(h, th, stride(th)), tile_starts(w, tw, stride(tw)), th, tw)
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            out = self.model(x)
+        out = out.float()
+        if self.pack.activation == "softmax":
+            out = torch.softmax(out, dim=1)
+        elif self.pack.activation == "sigmoid":
+            out = torch.sigmoid(out)
+        return out
+
+    def _write(self, blended: torch.Tensor, start: int, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        n = blended.shape[1]
+        if self.pack.activation == "sigmoid":
+            idx = (blended[0] > self.config.threshold).long()
+            if probs is not None:
+                probs[1, start : start + n] = blended[0].cpu().numpy()
+                probs[0, start : start + n] = 1.0 - probs[1, start : start + n]
+        else:
+            idx = blended.argmax(dim=0)
+            if probs is not None:
+                probs[:, start : start + n] = blended.cpu().numpy()
+        labels[start : start + n] = self._lut[idx].cpu().numpy().astype(labels.dtype, copy=False)
+
+
+def _tile_specs(frames: list[_Frame]) -> Iterator[tuple[_Frame, int, int, bool]]:
+    for f in frames:
+        for y in f.ys:
+            for j, x in enumerate(f.xs):
+                yield f, y, x, j == len(f.xs) - 1
+
+
+def _batches(it, size: int):
+    batch = []
+    for item in it:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _next_start(ys: list[int], y: int) -> int | None:
+    i = ys.index(y)
+    return ys[i + 1] if i + 1 < len(ys) else None
+
+
+def predict(pack: Pack, image: np.ndarray | ImageData, config: PredictConfig | None = None, **kwargs) -> Prediction:
+    """One-call synchronous prediction."""
+    return Predictor(pack, config).predict(image, **kwargs)
+
+
+__all__ = ["PredictConfig", "Prediction", "Predictor", "blend_weights", "predict", "tile_starts"]
