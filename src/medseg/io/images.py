@@ -73,7 +73,7 @@ def read_image(path: str | os.PathLike) -> ImageData:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure is an unreadable image
         raise InputError(
-            f"'{path.name}' is not an image medseg can read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'corrupt data'}): "
+            f"'{path.name}' is not an image medseg can read (the file is corrupt or not in a supported format): "
             "use PNG, JPEG, TIFF or MetaImage (.mha)."
         ) from exc
     data = describe_array(np.asarray(array), source=path.name)
@@ -116,6 +116,11 @@ def describe_array(array: np.ndarray, rgb: bool | None = None, source: str = "th
         raise InputError(f"{source} has pixel type {array.dtype}, which is not numeric: give a grey or RGB image.")
     if rgb is None:
         rgb = array.ndim in (3, 4) and array.shape[-1] in (3, 4)
+    if not rgb and array.ndim == 3 and array.shape[-1] <= 8 < min(array.shape[:2]):
+        raise InputError(
+            f"{source} looks like a {array.shape[-1]}-channel image (shape {tuple(array.shape)}): medseg takes grey or RGB "
+            "images; choose one channel or convert to RGB."
+        )
     if rgb and array.shape[-1] == 4:
         array = array[..., :3]
     spatial_ndim = array.ndim - (1 if rgb else 0)
