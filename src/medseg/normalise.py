@@ -47,9 +47,13 @@ class Normaliser:
         """Statistics of one frame (channels last); constant frames are refused."""
         if self.kind != "zscore":
             return (0.0, 1.0)
-        mean = float(frame.mean(dtype=np.float64))
-        std = float(frame.std(dtype=np.float64))
-        return mean, max(std, 1e-6)
+        # Two passes over row blocks: no full-size float copy of a large frame.
+        rows = max(1, (1 << 22) // max(1, frame[0].size))
+        n = frame.size
+        total = sum(float(frame[i : i + rows].sum(dtype=np.float64)) for i in range(0, frame.shape[0], rows))
+        mean = total / n
+        sq = sum(float(np.square(frame[i : i + rows].astype(np.float64) - mean).sum()) for i in range(0, frame.shape[0], rows))
+        return mean, max(float(np.sqrt(sq / n)), 1e-6)
 
     def apply(self, tile: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
         """Normalise a (H, W, C) tile to float32 (C, H, W)."""
