@@ -12,6 +12,8 @@ from medseg.models.registry import ModelCard, build, card, count_macs, count_par
 # One module per network; each registers itself on import.
 _NETWORK_MODULES = (
     "unet",
+    "tcsaformer",
+    "dcaunet",
     "medformer",
     "mslaunet",
 )
