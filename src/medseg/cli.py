@@ -225,9 +225,151 @@ def _run_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train / evaluate
+_TRAIN_FLAGS = {
+    # flag: (TrainConfig key, type, help)
+    "--dataset": ("dataset", str, "dataset recipe (psfhs, glomeruli, polyp) or a folder with images/ and masks/"),
+    "--data-root": ("data_root", str, "folder holding the recipe data folders (default: $MEDSEG_DATA or ../shared/data)"),
+    "--arch": ("arch", str, "architecture (see 'medseg models'; default unet)"),
+    "--config": ("config", str, "network config: small (default, trains on a CPU) or full (as published)"),
+    "--crop": ("crop", int, "training crop size in pixels (default: the recipe's)"),
+    "--batch-size": ("batch_size", int, "crops per step (default: the recipe's)"),
+    "--steps": ("steps", int, "optimiser steps"),
+    "--epochs": ("epochs", float, "passes over the training split"),
+    "--minutes": ("minutes", float, "time budget in minutes (the step count is fixed after timing a few steps)"),
+    "--lr": ("lr", float, "peak learning rate of AdamW (default 1e-3)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
+    "--warmup": ("warmup", float, "warm-up fraction of the steps (default 0.05)"),
+    "--seed": ("seed", int, "random seed (default 0)"),
+    "--device": ("device", str, "auto (default), cpu, cuda or mps"),
+    "--workers": ("workers", int, "data loader processes (default 0 on CPU, 4 on GPU)"),
+    "--val-every": ("val_every", int, "validate every N steps (default: 10 times per run)"),
+    "--ckpt-every": ("ckpt_every", int, "checkpoint every N steps (default: at each validation)"),
+    "--val-limit": ("val_limit", int, "validation cases used during training (default 48; the final report uses all)"),
+    "--train-limit": ("train_limit", int, "use only N training cases (quick trials)"),
+    "--workdir": ("workdir", str, "folder for runs (default work/)"),
+    "--run": ("run", str, "run name: checkpoints and logs go to WORKDIR/RUN (default DATASET-ARCH-CONFIG)"),
+    "--pack-id": ("pack_id", str, "id of the written pack (default DATASET-ARCH-CONFIG)"),
+    "--threads": ("threads", int, "CPU threads for torch"),
+    "--mask-kind": ("mask_kind", str, "dataset folders: index (class values), binary or instance"),
+    "--threshold": ("threshold", float, "dataset folders with binary masks: foreground is value > THRESHOLD"),
+}
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a network on a dataset and write a pack",
+        description="Train with AdamW, a cosine schedule with warm-up and cross-entropy + soft Dice; validate, keep the best weights and write a pack. "
+        "Options come from --config-file (JSON with the same names, underscores for dashes) and then from flags.",
+    )
+    p.add_argument("--config-file", metavar="JSON", help="training options as a JSON object (flags override it)")
+    for flag, (key, typ, text) in _TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=f"train_{key}", type=typ, default=argparse.SUPPRESS, help=text)
+    p.add_argument("--recipe", dest="train_dataset", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--classes", default=argparse.SUPPRESS, help="comma-separated class names, background first")
+    p.add_argument("-o", "--output", dest="out", default=argparse.SUPPRESS, help="pack folder to write (default WORKDIR/RUN/pack)")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue the run from its checkpoint")
+    p.add_argument("--fresh", action="store_true", default=argparse.SUPPRESS, help="start the run over, replacing its checkpoint")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS, help="no mixed precision on GPU")
+    p.add_argument("--cpu-bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast on the CPU")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS, help="train without augmentation")
+    p.set_defaults(run=_run_train)
+
+
+def _train_command(args) -> str:
+    import shlex
+
+    given = vars(args)
+    parts = ["medseg", "train"]
+    if given.get("config_file"):
+        parts += ["--config-file", given["config_file"]]
+    for flag, (key, _, _) in _TRAIN_FLAGS.items():
+        if f"train_{key}" in given:
+            parts += [flag, str(given[f"train_{key}"])]
+    for key, flag in (("classes", "--classes"), ("out", "--output")):
+        if key in given:
+            parts += [flag, str(given[key])]
+    for key, flag, value in (("resume", "--resume", True), ("fresh", "--fresh", True), ("amp", "--no-amp", False), ("cpu_bf16", "--cpu-bf16", True), ("augment", "--no-augment", False)):
+        if given.get(key, not value) == value:
+            parts.append(flag)
+    return shlex.join(parts)
+
+
+def _run_train(args) -> int:
+    from medseg.train.loop import TrainConfig, train_iter
+
+    options = TrainConfig.from_json(args.config_file).to_dict() if args.config_file else {}
+    for key in [k for _, (k, _, _) in _TRAIN_FLAGS.items()]:
+        if hasattr(args, f"train_{key}"):
+            options[key] = getattr(args, f"train_{key}")
+    for key in ("out", "resume", "fresh", "amp", "cpu_bf16", "augment"):
+        if hasattr(args, key):
+            options[key] = getattr(args, key)
+    if hasattr(args, "classes"):
+        options["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    options["command"] = _train_command(args)
+    cfg = TrainConfig.from_dict(options)
+    result = drive(train_iter(cfg), desc=f"train {cfg.run_name}", unit="step")
+    _say(
+        f"trained {result.steps} steps in {result.seconds / 60:.1f} min ({result.steps_per_minute:.1f} steps/min, {result.images_per_second:.2f} images/s); "
+        f"best quick validation Dice {result.best_score:.3f} at step {result.best_step}"
+    )
+    if result.report is not None:
+        from medseg.train.evaluate import to_markdown
+
+        print(to_markdown(result.report))
+    _say(f"pack written to {result.pack_path}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a pack on a dataset split (Dice, IoU, HD95, ASD, object F1, AoP/HSD)",
+        description="Predict every case of a split with the pack, exactly as 'medseg segment' would, and score it; prints a Markdown table "
+        "and writes OUTDIR/<pack>-<dataset>-<split>.json and .md.",
+    )
+    p.add_argument("--model", "-m", required=True, help="pack id or pack folder")
+    p.add_argument("--dataset", "--recipe", required=True, help="dataset recipe (psfhs, glomeruli, polyp) or a folder with images/ and masks/")
+    p.add_argument("--split", default="val", help="split to score (default val; the held-out splits only for final numbers)")
+    p.add_argument("--data-root", default=None, help="folder holding the recipe data folders (default: $MEDSEG_DATA or ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="score only N cases spread evenly over the split")
+    p.add_argument("-o", "--output", default="work/eval", metavar="OUTDIR", help="folder for the JSON and Markdown reports (default work/eval)")
+    p.add_argument("--iugc-grid", action="store_true", help="ultrasound: measure AoP/HSD on masks resized to 512 x 512 as the IUGC evaluator does")
+    p.add_argument("--min-area-um2", type=float, default=None, help="drop predicted objects below this area before scoring object recipes (default: the recipe's; 0 disables)")
+    p.add_argument("--classes", default=None, help="dataset folders: comma-separated class names, background first")
+    p.add_argument("--mask-kind", default=None, help="dataset folders: index, binary or instance")
+    p.add_argument("--threshold", type=float, default=None, help="dataset folders with binary masks: foreground is value > THRESHOLD")
+    _add_predict_options(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from medseg.train.datasets import evenly
+    from medseg.train.evaluate import EvalOptions, evaluate_iter, to_markdown, write_report
+    from medseg.train.packs import resolve
+    from medseg.train.recipes import canonical_split, get_recipe
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    recipe = get_recipe(args.dataset, classes, args.mask_kind, args.threshold)
+    pack = resolve(args.model)
+    split = canonical_split(recipe, args.split)
+    cases = evenly(recipe.cases(split, args.data_root), args.limit)
+    if not cases:
+        raise InputError(f"Split '{split}' of dataset '{recipe.name}' has no cases: choose another split.")
+    options = EvalOptions(biometry_grid=512 if args.iugc_grid else None, min_object_area_um2=args.min_area_um2)
+    report = drive(evaluate_iter(pack, recipe, cases, predict_config(args, pack), options, split=split), desc=f"evaluate {pack.id}", unit="image")
+    js, md = write_report(report, args.output, f"{pack.id}-{recipe.name}-{split}")
+    print(to_markdown(report))
+    _say(f"reports written to {js} and {md}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 # Each entry adds one subcommand; feature modules contribute theirs here.
 SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
+SUBCOMMANDS.extend([_add_train, _add_evaluate])
 
 
 def build_parser() -> argparse.ArgumentParser:

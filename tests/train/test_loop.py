@@ -1,0 +1,111 @@
+"""The training loop on a few real PSFHS frames: the loss falls, a pack is written, and a run
+interrupted and resumed from its checkpoint ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.engine.progress import CancelToken, run_sync
+from medseg.errors import Cancelled, UsageError
+from medseg.train.loop import TrainConfig, train_iter, warmup_cosine
+
+DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
+
+@pytest.fixture
+def psfhs_root():
+    if not (DATA / "psfhs").is_dir():
+        pytest.skip(f"real data folder {DATA / 'psfhs'} is absent (set MEDSEG_DATA to the shared data folder to run this test)")
+    return str(DATA)
+
+
+def _tiny(tmp_path, data_root, **kw) -> TrainConfig:
+    base = dict(
+        dataset="psfhs",
+        data_root=data_root,
+        arch="unet",
+        config="small",
+        crop=48,
+        batch_size=2,
+        train_limit=4,
+        val_limit=1,
+        final_eval_limit=1,
+        workdir=str(tmp_path / "work"),
+        device="cpu",
+        seed=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_schedule_warms_up_then_decays():
+    f = warmup_cosine(total=100, warmup=10, min_ratio=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
+
+
+def test_tiny_run_lowers_the_loss_and_writes_a_pack(tmp_path, psfhs_root):
+    cfg = _tiny(tmp_path, psfhs_root, steps=24, val_every=8, lr=3e-3, run="tiny", command="medseg train --steps 24")
+    result = run_sync(train_iter(cfg))
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result.steps == 24 and result.pack_path.is_dir() and result.steps_per_minute > 0
+    manifest = json.loads((result.pack_path / "manifest.json").read_text())
+    assert manifest["architecture"] == "unet" and manifest["licence"] == "CC-BY-4.0" and manifest["command"] == "medseg train --steps 24"
+    assert manifest["training"]["dataset"] == "psfhs" and manifest["training"]["steps"] == 24 and "split_rule" in manifest["training"]
+    assert set(manifest["metrics"]["dice"]) == {"pubic symphysis", "fetal head", "all"}
+    assert (result.run_dir / "val_report.json").is_file() and (result.run_dir / "val_report.md").is_file()
+    from medseg.train.packs import load_pack
+
+    pack = load_pack(result.pack_path)
+    assert pack.in_channels == 1 and [c.name for c in pack.classes] == ["background", "pubic symphysis", "fetal head"]
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, psfhs_root):
+    straight = run_sync(train_iter(_tiny(tmp_path, psfhs_root, steps=6, val_every=3, run="straight")))
+
+    cancel = CancelToken()
+    interrupted = _tiny(tmp_path, psfhs_root, steps=6, val_every=3, run="resumed")
+    with pytest.raises(Cancelled, match="resume"):
+        run_sync(train_iter(interrupted, cancel), lambda e: cancel.cancel() if e.done == 3 and e.total == 6 else None)
+    ckpt = torch.load(Path(interrupted.workdir) / "resumed" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    with pytest.raises(UsageError, match="--resume"):
+        run_sync(train_iter(interrupted))
+    interrupted.resume = True
+    resumed = run_sync(train_iter(interrupted))
+
+    assert resumed.steps == straight.steps == 6
+    last_a = torch.load(Path(interrupted.workdir) / "straight" / "ckpt.pt", weights_only=False)
+    last_b = torch.load(Path(interrupted.workdir) / "resumed" / "ckpt.pt", weights_only=False)
+    for key, value in last_a["model"].items():
+        assert torch.allclose(value.float(), last_b["model"][key].float(), atol=1e-6, rtol=0), key
+    assert [h["val_dice"] for h in straight.history] == pytest.approx([h["val_dice"] for h in resumed.history], abs=1e-6)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_cli_trains_from_a_json_config_and_evaluates(tmp_path, psfhs_root):
+    from medseg.cli import main
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"dataset": "psfhs", "crop": 32, "batch_size": 2, "train_limit": 2, "val_limit": 1, "final_eval_limit": 1, "device": "cpu"}))
+    pack = tmp_path / "pack"
+    code = main(["train", "--config-file", str(config), "--data-root", psfhs_root, "--steps", "2", "--workdir", str(tmp_path / "w"), "--run", "cli", "-o", str(pack)])
+    assert code == 0
+    manifest = json.loads((pack / "manifest.json").read_text())
+    assert manifest["command"].startswith("medseg train --config-file") and "--steps 2" in manifest["command"]
+    assert manifest["training"]["config"]["crop"] == 32
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(pack), "--dataset", "psfhs", "--split", "val", "--data-root", psfhs_root, "--limit", "2", "-o", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / f"{manifest['id']}-psfhs-val.json").read_text())
+    assert report["n_cases"] == 2 and {"pubic symphysis", "fetal head", "all"} <= set(report["structures"])
+    assert "biometry" in report and len(report["cases"]) == 2
+    assert "| structure |" in (out / f"{manifest['id']}-psfhs-val.md").read_text()
+    assert main(["evaluate", "--model", str(pack), "--dataset", "psfhs", "--split", "nope", "--data-root", psfhs_root]) == 2
