@@ -1,0 +1,348 @@
+"""The Segment dock widget: run a model pack on an image layer and add the result as a Labels layer.
+
+Thin by design: it gathers choices, runs the core generator :meth:`medseg.engine.Predictor.predict_iter`
+in napari's ``thread_worker`` (so the viewer stays responsive), drives a progress bar from its
+:class:`~medseg.engine.Progress` events, and turns the returned :class:`~medseg.engine.Prediction`
+into a layer. A :class:`~medseg.errors.MedsegError` becomes a notification, never a crash; a cancel
+becomes an info notification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generator
+
+import numpy as np
+# napari imports these lazily when the first Labels layer is made (features table, random label colours);
+# importing them when the dock opens keeps about 0.7 s off the GUI thread at the end of the first run.
+import pandas  # noqa: F401
+import skimage.color.colorconv  # noqa: F401
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.notifications import show_error, show_info
+
+from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Progress
+from medseg.errors import Cancelled, MedsegError
+from medseg.io import ImageData, describe_array
+from medseg.train.packs import available_packs, read_manifest, resolve
+
+if TYPE_CHECKING:
+    import napari
+
+CURRENT_FRAME = "current frame"
+ALL_FRAMES = "all frames"
+TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- the job (worker thread)
+@dataclass
+class SegmentRequest:
+    """Everything one run needs, gathered on the GUI thread."""
+
+    layer_name: str
+    data: Any  # the layer's array (numpy, dask, ...); converted in the worker
+    rgb: bool
+    pack_id: str
+    config: PredictConfig
+    frames: list[int] | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+
+@dataclass
+class _LayerImage(ImageData):
+    """An :class:`ImageData` named after its layer, so the core's messages name the layer."""
+
+    layer_name: str = "image"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.layer_name
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A run that ended with a :class:`MedsegError` (returned, not raised: the worker treats raised or
+    returned exceptions as crashes with tracebacks, but these are messages for a person)."""
+
+    error: MedsegError
+
+
+def segment_job(request: SegmentRequest) -> Generator[Progress, None, Prediction | Refused]:
+    """Load the pack and predict; a :class:`MedsegError` comes back as :class:`Refused` for the GUI to report."""
+    try:
+        yield Progress(0, 0, f"loading {request.pack_id}")
+        described = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
+        image = _LayerImage(**vars(described), layer_name=request.layer_name)
+        predictor = Predictor(resolve(request.pack_id), request.config)
+        return (yield from predictor.predict_iter(image, frames=request.frames, cancel=request.cancel))
+    except MedsegError as exc:
+        return Refused(exc)
+
+
+# Anything else raised in the job is a bug: the widget reports it as an error notification (with its
+# traceback) rather than letting the worker re-raise it in the event loop.
+_segment_worker = thread_worker(segment_job, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the widget (GUI thread)
+class SegmentWidget(Container):
+    """Segment an image layer (the current frame or all frames) with a model pack."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # napari passes the viewer by this name
+        super().__init__(labels=True)
+        viewer = self._viewer = napari_viewer
+        self._worker = None
+        self._request: SegmentRequest | None = None
+        self._source: Image | None = None
+        self._pbar: progress | None = None
+        self.last_message = ""
+        self.last_layer: Labels | None = None
+
+        self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the image layer to segment")
+        self.frames = RadioButtons(label="frames", choices=[CURRENT_FRAME, ALL_FRAMES], value=CURRENT_FRAME, orientation="horizontal",
+                                   tooltip="for stacks: only the frame on screen, or every frame")
+        self.model = ComboBox(label="model", choices=self._pack_choices, tooltip="installed model packs (MEDSEG_MODELS and shipped packs)")
+        self.model_info = Label(label="", value="")
+        self.device = ComboBox(label="device", choices=_device_choices(), value="auto")
+        self.tile = SpinBox(label="tile size", min=16, max=8192, step=16, value=256, tooltip="pixels per tile side")
+        self.overlap = FloatSpinBox(label="overlap", min=0.0, max=0.9, step=0.05, value=0.25, tooltip="fraction shared by neighbouring tiles")
+        self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=4, tooltip="tiles per forward pass")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
+        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self.status = Label(label="", value="")
+        for label in (self.model_info, self.status):
+            label.native.setWordWrap(True)  # long sentences wrap instead of widening the dock
+        self.extend([self.image, self.frames, self.model, self.model_info, self.device, self.tile, self.overlap, self.batch_size,
+                     buttons, self.progress, self.status])
+
+        self.image.changed.connect(self._on_image_changed)
+        self.model.changed.connect(self._on_model_changed)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+            emitter.connect(self.reset_choices)
+        viewer.layers.selection.events.active.connect(self._on_active_layer)
+        self.native.destroyed.connect(self._cancel_request)
+
+        self._on_active_layer()
+        self._on_image_changed()
+        self._on_model_changed()
+
+    # ------------------------------------------------------------------ choices
+    def _image_choices(self, _widget=None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _pack_choices(self, _widget=None) -> list[str]:
+        return sorted(available_packs())
+
+    def _on_active_layer(self, _event=None) -> None:
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image) and self._worker is None and active in [c for _, c in self._image_choices()]:
+            self.image.value = active
+
+    def _on_image_changed(self, _value=None) -> None:
+        layer = self.image.value
+        self.frames.enabled = layer is not None and layer.ndim == 3
+
+    def _on_model_changed(self, _value=None) -> None:
+        pack_id = self.model.value
+        if pack_id is None:
+            self.model_info.value = "no pack installed: add a folder of packs to MEDSEG_MODELS"
+            return
+        try:
+            manifest = read_manifest(available_packs()[pack_id])
+        except (KeyError, MedsegError) as exc:
+            self.model_info.value = str(exc)
+            return
+        self.tile.value = int(manifest.get("tile", self.tile.value))
+        self.overlap.value = float(manifest.get("overlap", self.overlap.value))
+        names = ", ".join(str(c.get("name")) for c in manifest.get("classes", []))
+        mpp = manifest.get("mpp")
+        self.model_info.value = f"classes: {names}" + (f"; trained at {mpp:g} µm/px" if mpp else "")
+
+    # ------------------------------------------------------------------ actions
+    def run(self, _value=None):
+        """Start a run on the chosen layer; returns the worker (or ``None`` when the input is refused)."""
+        if self._worker is not None:
+            return None
+        layer = self.image.value
+        if layer is None:
+            self._report("No image layer to segment: open an image (File > Open) or a sample (File > Open Sample > napari-medseg) and choose it under 'image'.", "error")
+            return None
+        if self.model.value is None:
+            self._report("No model pack is installed: add a folder of packs to MEDSEG_MODELS or train one with 'medseg train', then reopen this widget.", "error")
+            return None
+        if layer.multiscale:
+            self._report(f"Layer '{layer.name}' is multiscale (a slide): open one resolution level as a plain image layer to segment it here.", "error")
+            return None
+        frames = None
+        if layer.ndim == 3 and self.frames.value == CURRENT_FRAME:
+            frames = [self._current_frame(layer)]
+        config = PredictConfig(tile=self.tile.value, overlap=self.overlap.value, batch_size=self.batch_size.value, device=self.device.value)
+        self._request = SegmentRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, config, frames)
+        self._source = layer
+        worker = _segment_worker(self._request)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_unexpected_error)
+        try:  # napari's own relay (not wired up in napari 0.9.2); keep one notification per error
+            worker.errored.disconnect(worker._relay_error)
+        except (AttributeError, TypeError, RuntimeError):
+            pass
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._set_running(True)
+        what = f"frame {frames[0]} of " if frames else ""
+        self._pbar = progress(total=0, desc=f"Segmenting {what}{layer.name} with {self.model.value}")
+        self.status.value = f"segmenting {what}{layer.name}..."
+        worker.start()
+        return worker
+
+    def cancel(self, _value=None) -> None:
+        """Ask the running job to stop after its current batch."""
+        if self._request is not None and self._worker is not None:
+            self._request.cancel.cancel()
+            self.status.value = "cancelling..."
+
+    def _cancel_request(self, *_args) -> None:
+        if self._request is not None:
+            self._request.cancel.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    # ------------------------------------------------------------------ worker callbacks
+    def _on_progress(self, event: Progress) -> None:
+        if self._request is None:  # a late event of a run that has already ended
+            return
+        if event.total <= 0:
+            self.progress.max = 0  # busy indicator
+        else:
+            self.progress.max = event.total
+            self.progress.value = event.done
+        self.status.value = event.message
+        # last: napari's progress bar may process pending events (even this run's end) while it updates
+        pbar = self._pbar
+        if pbar is not None:
+            if pbar.total != event.total:
+                pbar.total = event.total
+            if event.done > pbar.n:
+                pbar.update(event.done - pbar.n)
+
+    def _on_returned(self, outcome: Prediction | Refused) -> None:
+        if isinstance(outcome, Refused):
+            self._report(str(outcome.error), "info" if isinstance(outcome.error, Cancelled) else "error")
+        else:
+            layer = self._add_result(outcome)
+            self._report(f"{layer.name}: {outcome.tiles} tiles in {outcome.seconds:.1f} s.", "status")
+
+    def _on_unexpected_error(self, exc: Exception) -> None:
+        """A bug, not a bad input: an error notification that carries the traceback."""
+        from napari.utils.notifications import notification_manager
+
+        self.last_message = self.status.value = f"failed: {type(exc).__name__}: {exc}"
+        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._request = None
+        self._source = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._set_running(False)
+
+    # ------------------------------------------------------------------ helpers
+    def _set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+        if not running:
+            self.progress.max = max(self.progress.max, 1)
+            self.progress.value = 0
+
+    def _report(self, message: str, level: str) -> None:
+        self.last_message = message
+        self.status.value = message
+        if level == "error":
+            show_error(message)
+        elif level == "info":
+            show_info(message)
+
+    def _current_frame(self, layer: Image) -> int:
+        index = layer.world_to_data(self._viewer.dims.point)[0]
+        return int(np.clip(round(float(index)), 0, layer.data.shape[0] - 1))
+
+    def _add_result(self, prediction: Prediction) -> Labels:
+        request, source = self._request, self._source
+        assert request is not None and source is not None
+        labels = prediction.labels
+        existing = self._find_result_layer(request, source)
+        if request.frames is not None:
+            full_shape = (source.data.shape[0], *labels.shape[1:])
+            stack = np.asarray(existing.data) if existing is not None and existing.data.shape == full_shape else np.zeros(full_shape, labels.dtype)
+            stack = stack.astype(np.result_type(stack.dtype, labels.dtype), copy=False)
+            stack[request.frames[0]] = labels[0]
+            labels = stack
+        metadata = {"model": request.pack_id, "source": source.name, "classes": {c.value: c.name for c in prediction.classes},
+                    "seconds": prediction.seconds, "config": vars(request.config).copy()}
+        if existing is not None and existing.data.shape == labels.shape:
+            existing.data = labels
+            existing.metadata.update(metadata)
+            layer = existing
+        else:
+            layer = self._viewer.add_labels(
+                labels,
+                name=self._result_name(request.pack_id, source.name),
+                colormap=_class_colormap(prediction),
+                features={"index": [c.value for c in prediction.classes], "class": [c.name for c in prediction.classes]},
+                metadata=metadata,
+                scale=source.scale,
+                translate=source.translate,
+                opacity=0.6,
+            )
+            self._place_above(layer, source)
+        self.last_layer = layer
+        return layer
+
+    def _result_name(self, pack_id: str, source_name: str) -> str:
+        """The model's id; with the image's name when another image already has a result of that model."""
+        return pack_id if pack_id not in self._viewer.layers else f"{pack_id} ({source_name})"
+
+    def _place_above(self, layer: Labels, source: Image) -> None:
+        """Keep a result directly above its image in the layer list."""
+        layers = self._viewer.layers
+        if source in layers:
+            new, src = layers.index(layer), layers.index(source)
+            if new != src + 1:
+                layers.move(new, src + 1)
+
+    def _find_result_layer(self, request: SegmentRequest, source: Image) -> Labels | None:
+        for layer in self._viewer.layers:
+            if isinstance(layer, Labels) and layer.metadata.get("model") == request.pack_id and layer.metadata.get("source") == source.name:
+                return layer
+        return None
+
+
+def _class_colormap(prediction: Prediction) -> DirectLabelColormap:
+    colours: dict[int | None, Any] = {None: TRANSPARENT}
+    for c in prediction.classes:
+        colours[c.value] = TRANSPARENT if c.value == 0 else c.color
+    return DirectLabelColormap(color_dict=colours)
+
+
+def _device_choices() -> list[tuple[str, str]]:
+    from medseg.engine.devices import available_devices
+
+    choices = [("auto", "auto")]
+    for label in available_devices():
+        choices.append((label, label.split(" ")[0]))
+    return choices
+
+
+__all__ = ["Refused", "SegmentRequest", "SegmentWidget", "segment_job"]
