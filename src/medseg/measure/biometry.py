@@ -92,6 +92,34 @@ def _fill_holes(m: np.ndarray) -> np.ndarray:
     return m | ~keep[bg]
 
 
+def _external_starts(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raster-first pixel (flat index, raster order) and pixel count of each external component."""
+    filled = _fill_holes(m)
+    lab, _ = ndimage.label(filled, structure=np.ones((3, 3), bool))
+    flat_idx = np.flatnonzero(lab)
+    ids = lab.ravel()[flat_idx]
+    uniq, first = np.unique(ids, return_index=True)
+    sizes = np.bincount(ids)[uniq]
+    starts = flat_idx[first]
+    order = np.argsort(starts)
+    return starts[order], sizes[order]
+
+
+def _contour_at(padded: np.ndarray, w: int, start: int) -> np.ndarray:
+    pw = w + 2
+    r, c = divmod(int(start), w)
+    chain = _trace(padded, pw, (r + 1) * pw + (c + 1))
+    rows, cols = np.divmod(chain, pw)
+    return np.stack([rows - 1, cols - 1], axis=1).astype(np.int64)
+
+
+def _prepare(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask).astype(bool, copy=False)
+    if m.ndim != 2:
+        raise ValueError(f"contours need a 2-D mask, not shape {m.shape}")
+    return m
+
+
 def outer_contours(mask: np.ndarray) -> list[np.ndarray]:
     """Outer contours of a binary mask as ``(n, 2)`` int arrays of (row, col) in chain order.
 
@@ -99,35 +127,35 @@ def outer_contours(mask: np.ndarray) -> list[np.ndarray]:
     CHAIN_APPROX_NONE)`` (OpenCV returns (x, y); these are (row, col)). Components lying inside a hole
     of another component are not listed, as in OpenCV's external mode.
     """
-    m = np.asarray(mask).astype(bool, copy=False)
-    if m.ndim != 2:
-        raise ValueError(f"outer_contours takes a 2-D mask, not shape {m.shape}")
+    m = _prepare(mask)
     if not m.any():
         return []
-    filled = _fill_holes(m)
-    lab, _ = ndimage.label(filled, structure=np.ones((3, 3), bool))
-    flat_idx = np.flatnonzero(lab)
-    _, first = np.unique(lab.ravel()[flat_idx], return_index=True)
-    h, w = m.shape
-    starts = np.sort(flat_idx[first])  # raster order of each external component's first pixel
+    starts, _ = _external_starts(m)
     padded = np.pad(m, 1).astype(np.uint8).ravel()
-    pw = w + 2
-    contours = []
-    for s in starts:
-        r, c = divmod(int(s), w)
-        chain = _trace(padded, pw, (r + 1) * pw + (c + 1))
-        rows, cols = np.divmod(chain, pw)
-        contours.append(np.stack([rows - 1, cols - 1], axis=1).astype(np.int64))
+    contours = [_contour_at(padded, m.shape[1], s) for s in starts]
     contours.reverse()  # OpenCV lists the last-found external contour first
     return contours
 
 
 def largest_contour(mask: np.ndarray) -> np.ndarray | None:
-    """The outer contour with the most points (the first listed on ties), or None for an empty mask."""
-    best = None
-    for c in outer_contours(mask):
-        if best is None or len(c) > len(best):
-            best = c
+    """The outer contour with the most points (the first listed on ties), or None for an empty mask.
+
+    Same answer as scanning :func:`outer_contours`, but components too small to win (a contour visits
+    each pixel at most 4 times) are never traced, which matters for speckled predictions.
+    """
+    m = _prepare(mask)
+    if not m.any():
+        return None
+    starts, sizes = _external_starts(m)
+    padded = np.pad(m, 1).astype(np.uint8).ravel()
+    best, best_len, best_pos = None, -1, len(starts)
+    for k in np.argsort(-sizes, kind="stable"):
+        if 4 * int(sizes[k]) < best_len:
+            break
+        c = _contour_at(padded, m.shape[1], starts[k])
+        pos = len(starts) - 1 - int(k)  # position in OpenCV's (reversed) list
+        if len(c) > best_len or (len(c) == best_len and pos < best_pos):
+            best, best_len, best_pos = c, len(c), pos
     return best
 
 
@@ -169,12 +197,44 @@ def _pt(p: np.ndarray) -> Point:
     return (int(p[0]), int(p[1]))
 
 
+def _hull_vertices(points: np.ndarray) -> np.ndarray:
+    """Strict convex-hull vertices of integer points (Andrew's monotone chain; collinear points dropped)."""
+    pts = np.unique(points, axis=0)  # sorted by row, then column
+    if len(pts) <= 2:
+        return pts
+
+    def half(seq):
+        out: list = []
+        for p in seq:
+            while len(out) >= 2:
+                (r1, c1), (r2, c2) = out[-2], out[-1]
+                if (r2 - r1) * (p[1] - c1) - (c2 - c1) * (p[0] - r1) <= 0:
+                    out.pop()
+                else:
+                    break
+            out.append((int(p[0]), int(p[1])))
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    return np.asarray(lower[:-1] + upper[:-1], dtype=np.int64)
+
+
 def _farthest_pair(ps: np.ndarray) -> tuple[int, int]:
-    """First (i < j) pair of maximal squared distance, in the evaluator's loop order."""
-    d = ((ps[:, None, :] - ps[None, :, :]) ** 2).sum(-1)
-    d[np.tril_indices(len(ps))] = -1
-    k = int(np.argmax(d))  # row-major: smallest i, then smallest j
-    return divmod(k, len(ps))
+    """First (i < j) pair of maximal squared distance, in the evaluator's loop order.
+
+    The maximum is found on the convex hull (its ends are hull vertices); then the contour is scanned
+    only at points that end a maximal pair, so the result is the exhaustive search's, tie-break included.
+    """
+    hull = _hull_vertices(ps)
+    d = ((hull[:, None, :] - hull[None, :, :]) ** 2).sum(-1)
+    best = int(d.max())
+    ends = {tuple(p) for p in hull[(d == best).any(axis=1)]}
+    idx = [i for i, p in enumerate(map(tuple, ps.tolist())) if p in ends]
+    for a, i in enumerate(idx):
+        for j in idx[a + 1 :]:
+            if int(((ps[i] - ps[j]) ** 2).sum()) == best:
+                return i, j
+    raise AssertionError("unreachable: a maximal pair has both ends on the contour")
 
 
 def _tangent(v: np.ndarray, fh: np.ndarray) -> Point | None:

@@ -46,6 +46,7 @@ from medseg.train.packs import Pack, save_pack
 from medseg.train.recipes import Recipe, get_recipe
 
 CHECKPOINT = "ckpt.pt"
+VAL_SHARE = 0.15  # at most this share of a --minutes budget goes to validation during training
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     data_root: str | None = None
     arch: str = "unet"
     config: str = "small"
+    arch_overrides: dict[str, Any] | None = None  # constructor arguments on top of the config (recorded in the pack)
     classes: list[str] | None = None
     mask_kind: str | None = None
     threshold: float | None = None
@@ -242,6 +244,7 @@ class _Trainer:
         if not self.val_cases:
             raise UsageError(f"Dataset '{self.recipe.name}' has no validation cases: best-on-validation selection needs a 'val' split.")
         self.val_quick = evenly(self.val_cases, cfg.val_limit)
+        self.n_val = 10  # validations per run, unless --val-every says otherwise
         self.normaliser = Normaliser.from_spec(self.recipe.normalisation)
         self.dataset = SegmentationDataset(
             self.train_cases,
@@ -261,7 +264,7 @@ class _Trainer:
     def build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic, self.device)
-        self.model = models.build(cfg.arch, in_channels=self.recipe.in_channels, num_classes=self.recipe.num_classes, config=cfg.config).to(self.device)
+        self.model = models.build(cfg.arch, in_channels=self.recipe.in_channels, num_classes=self.recipe.num_classes, config=cfg.config, **(cfg.arch_overrides or {})).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
@@ -284,6 +287,8 @@ class _Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "val_quick": [c.id for c in self.val_quick],
+            "n_val": self.n_val,
             "best_score": self.best_score,
             "best_step": self.best_step,
             "best_state": self.best_state,
@@ -310,6 +315,9 @@ class _Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        ids = set(ckpt.get("val_quick", [c.id for c in self.val_quick]))
+        self.val_quick = [c for c in self.val_cases if c.id in ids]
+        self.n_val = int(ckpt.get("n_val", 10))
         self.step = int(ckpt["step"])
         self.best_score, self.best_step, self.best_state = ckpt["best_score"], ckpt["best_step"], ckpt["best_state"]
         self.history = list(ckpt["history"])
@@ -359,8 +367,13 @@ class _Trainer:
         model.train()
         return mean_dice(report)
 
-    def calibrate(self, budget_s: float) -> int:
-        """Steps that fit ``budget_s`` seconds with 10 quick validations, timed on a copy of the model."""
+    def calibrate(self, budget_s: float) -> tuple[int, int, int]:
+        """(steps, validations, validation cases) that fit ``budget_s`` seconds, timed on a copy of the model.
+
+        Validation gets at most ``VAL_SHARE`` of the budget: up to 10 validations on up to
+        ``val_limit`` cases, fewer cases (not below 4) and then fewer validations (not below 2) when
+        predicting is slow compared with training.
+        """
         rng_state = torch.get_rng_state()
         model = copy.deepcopy(self.model)
         opt = make_optimizer(model, self.cfg.lr, self.cfg.weight_decay)
@@ -372,13 +385,20 @@ class _Trainer:
             self.train_step(model, opt, x, y)
             times.append(time.perf_counter() - t)
         step_s = float(np.median(times[1:]))
+        probe_cases = self.val_quick[:2]
         t = time.perf_counter()
-        self.validate(model, self.val_quick[:2])
-        val_case_s = (time.perf_counter() - t) / max(1, min(2, len(self.val_quick)))
+        self.validate(model, probe_cases)
+        val_case_s = (time.perf_counter() - t) / max(1, len(probe_cases))
         torch.set_rng_state(rng_state)
-        val_total = 10 * val_case_s * len(self.val_quick)
-        steps = int(0.95 * (budget_s - self.elapsed() - val_total) / step_s)
-        return max(10, steps)
+        remaining = max(0.0, budget_s - self.elapsed())
+        val_budget = VAL_SHARE * remaining
+        n_val, k = 10, len(self.val_quick)
+        if n_val * k * val_case_s > val_budget:
+            k = max(min(4, k), int(val_budget / (n_val * val_case_s)))
+        if n_val * k * val_case_s > val_budget:
+            n_val = max(2, int(val_budget / (k * val_case_s)))
+        steps = int(0.95 * (remaining - n_val * k * val_case_s) / step_s)
+        return max(10, steps), n_val, k
 
     # ---------------------------------------------------------------- run
     def run(self, cancel: CancelToken | None) -> Job[TrainResult]:
@@ -400,16 +420,19 @@ class _Trainer:
                 total = int(math.ceil(cfg.epochs * len(self.train_cases) / self.batch_size))
             elif cfg.minutes:
                 yield Progress(0, 1, "timing a few steps")
-                total = self.calibrate(cfg.minutes * 60.0)
+                total, self.n_val, n_cases = self.calibrate(cfg.minutes * 60.0)
+                self.val_quick = evenly(self.val_quick, n_cases)
             else:
                 raise UsageError("Say how long to train: give --steps, --epochs or --minutes.")
             self.make_scheduler(total)
         total = self.total
-        val_every = max(1, int(cfg.val_every or math.ceil(total / 10)))
+        val_every = max(1, int(cfg.val_every or math.ceil(total / self.n_val)))
         ckpt_every = max(1, int(cfg.ckpt_every or val_every))
         deadline = cfg.minutes * 60.0 if cfg.minutes else math.inf
         log = self.run_dir / "log.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and log.exists():
+            log.unlink()  # a fresh start: the old run's log goes with its checkpoint
         losses: list[float] = []
         last_val = float("nan")
         stream = _batch_stream(self.samples, self.batch_size, self.step, total, self.workers, self.device.type == "cuda")
@@ -458,7 +481,7 @@ class _Trainer:
     def finish(self) -> Job[TrainResult]:
         cfg, r = self.cfg, self.recipe
         best = self.best_state if self.best_state is not None else _state_copy(self.model)
-        model = models.build(cfg.arch, in_channels=r.in_channels, num_classes=r.num_classes, config=cfg.config)
+        model = models.build(cfg.arch, in_channels=r.in_channels, num_classes=r.num_classes, config=cfg.config, **(cfg.arch_overrides or {}))
         model.load_state_dict(_fp16_round(best))
         model.eval()
         pack_id = cfg.pack_id or f"{Path(cfg.dataset).name}-{cfg.arch}-{cfg.config}"
@@ -510,6 +533,8 @@ class _Trainer:
             "command": cfg.command,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+        if cfg.arch_overrides:
+            extra["overrides"] = dict(cfg.arch_overrides)
         if r.min_object_area_um2:
             extra["postprocess"] = {"min_object_area_um2": r.min_object_area_um2}
         out = Path(cfg.out) if cfg.out else self.run_dir / "pack"
