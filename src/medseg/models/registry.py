@@ -85,8 +85,32 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def _register_cpu_sdpa_flops() -> None:
+    """Teach FlopCounterMode the fused CPU attention kernel (torch counts only the CUDA SDPA kernels).
+
+    ``F.scaled_dot_product_attention`` on the CPU dispatches to
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode would otherwise count as
+    zero, dropping full-attention products (MedFormer stage 4, plain MHSA) from :func:`count_macs`. SDPA
+    calls that take PyTorch's math path instead (e.g. DCA's, whose value head is wider than its query/key
+    heads) decompose into ``bmm`` and are counted either way. Same formula as the CUDA kernels: QK^T plus
+    AV, ``2 * b * h * (Nq * Nk * d_qk + Nq * Nk * d_v)`` FLOPs.
+    """
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
 def count_macs(model: nn.Module, size: int | tuple[int, int] = 256, in_channels: int = 3) -> int:
-    """Multiply-accumulates of one forward at batch 1 (conv, linear, matmul; FLOPs = 2 x MACs)."""
+    """Multiply-accumulates of one forward at batch 1 (conv, linear, matmul, fused SDPA; FLOPs = 2 x MACs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w = (size, size) if isinstance(size, int) else size
