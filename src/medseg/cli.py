@@ -251,6 +251,7 @@ _TRAIN_FLAGS = {
     "--run": ("run", str, "run name: checkpoints and logs go to WORKDIR/RUN (default DATASET-ARCH-CONFIG)"),
     "--pack-id": ("pack_id", str, "id of the written pack (default DATASET-ARCH-CONFIG)"),
     "--threads": ("threads", int, "CPU threads for torch"),
+    "--arch-overrides": ("arch_overrides", json.loads, 'constructor arguments on top of --config, as JSON (e.g. \'{"dims": [32, 64, 128, 256]}\')'),
     "--mask-kind": ("mask_kind", str, "dataset folders: index (class values), binary or instance"),
     "--threshold": ("threshold", float, "dataset folders with binary masks: foreground is value > THRESHOLD"),
 }
@@ -286,7 +287,8 @@ def _train_command(args) -> str:
         parts += ["--config-file", given["config_file"]]
     for flag, (key, _, _) in _TRAIN_FLAGS.items():
         if f"train_{key}" in given:
-            parts += [flag, str(given[f"train_{key}"])]
+            value = given[f"train_{key}"]
+            parts += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
     for key, flag in (("classes", "--classes"), ("out", "--output")):
         if key in given:
             parts += [flag, str(given[key])]

@@ -208,12 +208,16 @@ class CompressedAttention(nn.Module):
         dst = dst.scatter_reduce(1, index, src, reduce="mean", include_self=True)
         return torch.cat([_take(a, plan.unmerged), dst], dim=1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, return_indices: bool = True):
         """TKSA core: every query attends its ``topk`` largest-logit keys; values are gathered.
 
-        ``q, k, v`` (B, h, n, d) -> output (B, h, n, d) and the selected key indices (B, h, n, topk).
+        ``q, k, v`` (B, h, n, d) -> output (B, h, n, d) and, with ``return_indices``, the selected key
+        indices (B, h, n, topk). The indices are as large as the logits kept (k grows with n), so
+        they are only kept when asked for.
         """
-        return topk_sparse_attention(q, k, v, topk, self.scale, return_indices=True)
+        if return_indices:
+            return topk_sparse_attention(q, k, v, topk, self.scale, return_indices=True)
+        return topk_sparse_attention(q, k, v, topk, self.scale), None
 
     def forward(
         self, x: torch.Tensor, plan: CompressionPlan | None = None, return_info: bool = False
@@ -227,7 +231,7 @@ class CompressedAttention(nn.Module):
 
         merged = self.merge(_take(tokens, plan.keep_idx), plan)  # (B, n_m, C)
         q, k, v = self.qkv(merged).reshape(b, n_m, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attended, topk_idx = self.attend(q, k, v, topk)
+        attended, topk_idx = self.attend(q, k, v, topk, return_indices=return_info)
         attended = attended.transpose(1, 2).reshape(b, n_m, c)
 
         # TDP: un-merge (merged A tokens copy their destination's output), scatter back to the kept
