@@ -368,10 +368,126 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- biometry
+_MASK_SUFFIXES = (".png", ".tif", ".tiff", ".mha")
+
+
+def _add_biometry(sub) -> None:
+    from medseg.measure.ultrasound import DEFAULT_PACK, METHODS
+
+    p = sub.add_parser(
+        "biometry",
+        help="intrapartum ultrasound: AoP and HSD of every frame into a CSV",
+        description="Measure the angle of progression (AoP) and head-symphysis distance (HSD) of every frame of ultrasound images, "
+        "DICOM files or videos, from a pack's segmentation (--model) or from label masks (--masks; 0 background, 1 pubic symphysis, "
+        "2 fetal head). Writes one CSV row per frame: stem, frame, aop_deg, hsd_px, hsd_mm, status, reason, plane, method and the key points.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image, DICOM or video files, or folders of them (with --masks: optional, default every mask in DIR)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", "-m", help=f"pack id or pack folder that segments PS and FH (e.g. {DEFAULT_PACK})")
+    source.add_argument("--masks", metavar="DIR", help="read label masks DIR/<stem>.png or .tif instead of running a model")
+    p.add_argument("--csv", required=True, metavar="OUT.csv", help="the table to write")
+    p.add_argument("--method", choices=METHODS, default="contour",
+                   help="contour: the IUGC 2024 evaluator's rules (default); ellipse: the toolkit's ellipse-fit variant")
+    p.add_argument("--spacing", metavar="MM[,MM]", help="pixel size in mm (one value, or row,col) where the files do not give it; HSD is then also in mm")
+    p.add_argument("--grid", type=int, metavar="N", help="measure on label maps resized to N x N (nearest neighbour); 512 gives the IUGC evaluator's pixels")
+    p.add_argument("--ps-value", type=int, default=1, help="--masks: label value of the pubic symphysis (default 1)")
+    p.add_argument("--fh-value", type=int, default=2, help="--masks: label value of the fetal head (default 2)")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="--model: also write the segmentations as OUTDIR/<stem>.png (.tif for stacks)")
+    _add_predict_options(p)
+    p.set_defaults(run=_run_biometry)
+
+
+def _parse_spacing(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise UsageError(f"--spacing '{text}' is not a pixel size: give one positive number in mm, or row,col (e.g. 0.2 or 0.2,0.25).")
+    return values[0], values[1]
+
+
+def _find_mask(folder: Path, stem: str) -> Path:
+    for suffix in _MASK_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"No mask for '{stem}' in '{folder}': expected {stem}.png or {stem}.tif there.")
+
+
+def _run_biometry(args) -> int:
+    from medseg.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, label_path, read_image, read_labels, stem_of, write_labels
+    from medseg.measure.ultrasound import measure_frames, summary, ultrasound_job, write_csv
+
+    if args.grid is not None and args.grid < 16:
+        raise UsageError(f"--grid {args.grid} is too small: use at least 16 (512 for IUGC-comparable pixels).")
+    spacing = _parse_spacing(args.spacing)
+    rows = []
+    failures = 0
+    if args.masks is not None:
+        folder = Path(args.masks)
+        if not folder.is_dir():
+            raise InputError(f"--masks '{folder}' is not a folder: give the folder that holds <stem>.png or <stem>.tif masks.")
+        if args.inputs:
+            jobs = [(stem_of(f), f) for f in collect_inputs(args.inputs, IMAGE_SUFFIXES)]
+        else:
+            jobs = [(stem_of(m), None) for m in collect_inputs([str(folder)], _MASK_SUFFIXES)]
+        for stem, image_path in jobs:
+            try:
+                mask = read_labels(_find_mask(folder, stem))
+                frame_spacing = spacing
+                if frame_spacing is None and image_path is not None and image_path.suffix.lower() not in VIDEO_SUFFIXES:
+                    frame_spacing = read_image(image_path).spacing
+                found = measure_frames(mask, frame_spacing, args.method, stem, ps_value=args.ps_value, fh_value=args.fh_value, grid=args.grid)
+                rows.extend(found)
+                if len(jobs) <= 10 or not all(r.ok for r in found):
+                    _say(f"{stem}: {summary(found)}")
+            except MedsegError as exc:
+                if len(jobs) == 1:
+                    raise
+                failures += 1
+                _say(f"error: {exc}")
+        total = len(jobs)
+    else:
+        from medseg.train.packs import resolve
+
+        if not args.inputs:
+            raise UsageError("Give the images, DICOM files or videos to measure (or --masks DIR to measure existing masks).")
+        files = collect_inputs(args.inputs, IMAGE_SUFFIXES)
+        pack = resolve(args.model)
+        config = predict_config(args, pack)
+        for f in files:
+            try:
+                image = read_image(f)
+                result = drive(ultrasound_job(image, pack, config, method=args.method, stem=stem_of(f), spacing=spacing, grid=args.grid), desc=f.name)
+                rows.extend(result.rows)
+                if args.output:
+                    write_labels(label_path(args.output, f, result.labels), result.labels)
+                if len(files) <= 10 or not all(r.ok for r in result.rows):
+                    _say(f"{f.name}: {summary(result.rows)} ({result.seconds:.1f} s)")
+            except MedsegError as exc:
+                if len(files) == 1:
+                    raise
+                failures += 1
+                _say(f"error: {exc}")
+        total = len(files)
+    out = write_csv(rows, args.csv)
+    _say(f"{summary(rows)}; table written to {out}")
+    if failures:
+        raise MedsegError(f"{failures} of {total} inputs failed (see the messages above); the others are in the table.")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 # Each entry adds one subcommand; feature modules contribute theirs here.
 SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
 SUBCOMMANDS.extend([_add_train, _add_evaluate])
+SUBCOMMANDS.append(_add_biometry)
 
 
 def build_parser() -> argparse.ArgumentParser:

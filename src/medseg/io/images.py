@@ -1,4 +1,4 @@
-"""Read 2-D images, frame stacks and MetaImage files; write label masks atomically.
+"""Read 2-D images, frame stacks, MetaImage, DICOM and video files; write label masks atomically.
 
 Everything returns numpy arrays with a small description (:class:`ImageData`): grey ``(H, W)``,
 RGB ``(H, W, 3)``, a stack ``(T, H, W)`` or an RGB stack ``(T, H, W, 3)``.
@@ -15,8 +15,10 @@ import numpy as np
 
 from medseg.errors import InputError
 from medseg.io.atomic import atomic_path
+from medseg.io.dicom import DICOM_SUFFIXES, is_dicom, read_dicom
+from medseg.io.video import VIDEO_SUFFIXES, read_video
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".mha", ".mhd") + DICOM_SUFFIXES + VIDEO_SUFFIXES
 
 
 @dataclass
@@ -49,7 +51,7 @@ def stem_of(path: str | os.PathLike) -> str:
 
 
 def read_image(path: str | os.PathLike) -> ImageData:
-    """Read a 2-D image, a stack (multi-page TIFF) or a MetaImage file."""
+    """Read a 2-D image, a stack (multi-page TIFF), a MetaImage, a DICOM (also without suffix) or a video file."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"'{path}' does not exist: check the path.")
@@ -59,6 +61,11 @@ def read_image(path: str | os.PathLike) -> ImageData:
     try:
         if suffix in (".mha", ".mhd"):
             array, spacing, meta = _read_metaimage(path)
+        elif suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and is_dicom(path)):
+            array, spacing, meta = read_dicom(path)
+        elif suffix in VIDEO_SUFFIXES:
+            array, meta = read_video(path)
+            spacing = None
         elif suffix in (".tif", ".tiff"):
             import tifffile
 
@@ -74,7 +81,7 @@ def read_image(path: str | os.PathLike) -> ImageData:
     except Exception as exc:  # noqa: BLE001 - any decoder failure is an unreadable image
         raise InputError(
             f"'{path.name}' is not an image medseg can read (the file is corrupt or not in a supported format): "
-            "use PNG, JPEG, TIFF or MetaImage (.mha)."
+            "use PNG, JPEG, TIFF, MetaImage (.mha), DICOM or a video (AVI, MP4, MOV)."
         ) from exc
     data = describe_array(np.asarray(array), source=path.name)
     data.path = path

@@ -41,6 +41,11 @@ STATUS_REASONS = {
     "no_head": "no fetal head in the mask",
     "symphysis_too_small": "the pubic symphysis contour has fewer than two points",
     "no_tangent": "no tangent: no line through the symphysis vertex keeps the whole head on its left (the head reaches the vertex row to its right)",
+    # the ellipse variant (medseg.measure.ellipse)
+    "symphysis_not_fitted": "the pubic symphysis outline has 5 or fewer vertices after simplification: no ellipse can be fitted",
+    "head_not_fitted": "the fetal head outline has 5 or fewer vertices after simplification: no ellipse can be fitted",
+    "ellipse_fit_failed": "the least-squares ellipse fit gave no proper ellipse (a degenerate outline)",
+    "vertex_inside_head": "the symphysis vertex lies inside the fitted head ellipse: no tangent exists",
 }
 
 
