@@ -71,8 +71,12 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         if (slope, intercept) != (1.0, 0.0):
             array = array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        if photometric == "MONOCHROME1":
-            array = array.max() - array + array.min()
+        if photometric == "MONOCHROME1":  # 0 is white: invert within the stored bit range
+            if np.issubdtype(array.dtype, np.unsignedinteger):
+                top = (1 << int(getattr(ds, "BitsStored", 8 * array.dtype.itemsize))) - 1
+                array = (top - array.astype(np.int64)).clip(0, top).astype(array.dtype)
+            else:
+                array = array.max() - array + array.min()
     spacing, source = _spacing(ds)
     meta: dict[str, Any] = {"format": "DICOM", "frames": frames}
     for key in _INFO_FIELDS:
