@@ -137,6 +137,8 @@ def test_frame_slider_shows_that_frames_measurement(viewer_and_widget, qtbot):
     viewer.dims.set_point(0, 1)
     text1 = list(widget.shapes_layer.text.values)
     assert text0 != text1 and f"AoP {widget.rows[1].aop_deg:.1f}°" in text1
+    widget.table.native.cellClicked.emit(0, 0)  # a click on the first row shows frame 0
+    assert viewer.dims.point[0] == 0 and list(widget.shapes_layer.text.values) == text0
 
 
 def test_ellipse_method_draws_the_fitted_ellipses(viewer_and_widget, qtbot):

@@ -19,6 +19,7 @@ PSFHS_MHA_IDS = ["03744", "04510", "04856", "04950", "05060"]
 def write_dicom(path: Path, pixels: np.ndarray, spacing=(0.2, 0.25), rgb: bool = False, frame_time_ms: float | None = 40.0,
                 regions_cm: tuple[float, float] | None = None, photometric: str | None = None) -> Path:
     """A minimal valid DICOM file (uncompressed, explicit VR little endian), single- or multi-frame."""
+    pytest.importorskip("pydicom", reason="DICOM reading needs pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
@@ -101,6 +102,7 @@ def test_monochrome1_is_inverted_so_bright_is_high(tmp_path):
 
 
 def test_bad_dicom_files_are_input_errors(tmp_path, frames):
+    pytest.importorskip("pydicom", reason="DICOM reading needs pydicom")
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
     with pytest.raises(InputError, match="broken.dcm"):
@@ -121,6 +123,7 @@ def test_bad_dicom_files_are_input_errors(tmp_path, frames):
 
 # --------------------------------------------------------------------------- video
 def write_video(path: Path, frames: np.ndarray, fps: float = 10, **kwargs) -> Path:
+    pytest.importorskip("imageio_ffmpeg", reason="video reading needs imageio-ffmpeg")
     import imageio.v3 as iio
 
     iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, macro_block_size=16, **kwargs)
@@ -155,6 +158,7 @@ def test_avi_and_colour_video(tmp_path, rng):
 
 
 def test_bad_video_is_an_input_error(tmp_path):
+    pytest.importorskip("imageio_ffmpeg", reason="video reading needs imageio-ffmpeg")
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video at all" * 10)
     with pytest.raises(InputError, match="broken.mp4"):
@@ -192,6 +196,6 @@ def test_plugin_reader_opens_dicom_and_video_with_their_scale(tmp_path, frames):
 
 
 def test_ffmpeg_binary_ships_with_imageio_ffmpeg():
-    import imageio_ffmpeg
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="video reading needs imageio-ffmpeg")
 
     assert Path(imageio_ffmpeg.get_ffmpeg_exe()).exists() or shutil.which("ffmpeg")

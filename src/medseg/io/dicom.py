@@ -42,10 +42,12 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float]
     Colour data (RGB, YBR) comes back as RGB; monochrome as grey with MONOCHROME1 inverted so that
     bright is high; a non-trivial rescale (slope/intercept) is applied.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:
+        raise InputError(f"Reading the DICOM file '{path.name}' needs pydicom: pip install pydicom.") from exc
     try:
         ds = pydicom.dcmread(str(path), force=path.suffix.lower() in DICOM_SUFFIXES)
     except (InvalidDicomError, EOFError, OSError, ValueError) as exc:

@@ -25,6 +25,10 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     import imageio.v3 as iio
 
     path = Path(path)
+    try:
+        import imageio_ffmpeg  # noqa: F401 - imageio's FFMPEG plugin runs the ffmpeg binary this package ships
+    except ImportError as exc:
+        raise InputError(f"Reading the video '{path.name}' needs imageio-ffmpeg: pip install imageio-ffmpeg.") from exc
     meta: dict[str, Any] = {"format": "video"}
     try:
         info = iio.immeta(path, plugin="FFMPEG")
