@@ -483,10 +483,72 @@ def _run_biometry(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- wsi
+def _add_wsi(sub) -> None:
+    p = sub.add_parser(
+        "wsi",
+        help="segment a whole slide into a zarr label pyramid (tissue only, resumable)",
+        description="Run a pack over a whole slide (SVS, NDPI, MRXS, SCN, pyramidal TIFF/OME-TIFF) at the level closest to the pack's "
+        "µm/px, only where there is tissue, streaming uint8 labels into OUT.zarr. Rerunning the same command resumes an interrupted run.",
+    )
+    p.add_argument("slide", metavar="SLIDE", help="the slide file")
+    p.add_argument("--model", "-m", required=True, help="pack id or pack folder (see 'medseg models')")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.zarr", help="output zarr folder (label pyramid, confidence, tissue mask)")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 pixel size in µm, for slides that do not record it (or to override it)")
+    p.add_argument("--level", type=int, default=None, help="pyramid level to run on (default: closest to the pack's µm/px)")
+    p.add_argument("--assembly", choices=("blend", "vote"), default="blend", help="blend: weighted probabilities (default); vote: the KPIs baseline (>= 2 windows, spec §10.3)")
+    p.add_argument("--no-tissue", dest="tissue", action="store_false", help="predict every tile, glass included")
+    p.add_argument("--region", default=None, metavar="X,Y,W,H", help="only this level-0 rectangle (pixels)")
+    p.add_argument("--min-area-um2", type=float, default=None, help="objects: drop components smaller than this (default: the pack's, else 0)")
+    p.add_argument("--geojson", default=None, metavar="FILE", help="also write the objects as QuPath GeoJSON")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the object table as CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.zarr when it holds a different run")
+    _add_predict_options(p)
+    p.set_defaults(run=_run_wsi)
+
+
+def _run_wsi(args) -> int:
+    from medseg.engine.wsi import SlideConfig, segment_slide_iter
+    from medseg.train.packs import resolve
+
+    region = None
+    if args.region:
+        try:
+            region = tuple(int(round(float(v))) for v in args.region.split(","))
+        except ValueError:
+            region = ()
+        if len(region) != 4:
+            raise UsageError(f"--region '{args.region}' must be four numbers X,Y,W,H (level-0 pixels).")
+    pack = resolve(args.model)
+    cfg = SlideConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device, assembly=args.assembly,
+                      mpp=args.mpp, level=args.level, tissue=args.tissue, region=region, overwrite=args.overwrite)
+    result = drive(segment_slide_iter(args.slide, pack, args.output, cfg), desc=Path(args.slide).name)
+    mpp = f", {result.mpp:.3f} µm/px" if result.mpp else ""
+    _say(f"{args.slide} -> {result.path}: level {result.level} ({result.shape[1]} x {result.shape[0]} px{mpp}), "
+         f"{result.tiles} tiles predicted ({result.tiles_tissue} of {result.tiles_grid} touch tissue) in {result.seconds:.1f} s")
+    if args.geojson or args.csv or args.min_area_um2 is not None:
+        _wsi_objects(args, pack, result)
+    return 0
+
+
+def _wsi_objects(args, pack, result) -> None:
+    from medseg.measure.objects import min_area_for, slide_objects, write_csv
+
+    objects = slide_objects(result, min_area_um2=min_area_for(pack, args.min_area_um2))
+    _say(f"{len(objects)} objects")
+    if args.csv:
+        _say(f"object table -> {write_csv(objects, args.csv)}")
+    if args.geojson:
+        from medseg.io.geojson import write_geojson
+
+        _say(f"GeoJSON -> {write_geojson(objects, args.geojson, result.classes)}")
+
+
 # --------------------------------------------------------------------------- main
 # Each entry adds one subcommand; feature modules contribute theirs here.
 SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
 SUBCOMMANDS.extend([_add_train, _add_evaluate])
+SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
 
 

@@ -117,6 +117,19 @@ class _BandBlender:
         """Return (first row, blended scores of rows [lo, upto)) and slide the band down."""
         n = upto - self.lo
         out = self.acc[:, :n] / self.wsum[:n]
+        return self._slide(upto), out
+
+    def finalise_raw(self, upto: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Return (first row, summed weighted scores, summed weights) of rows [lo, upto) and slide the band down.
+
+        Rows no tile covered have weight 0 (the whole-slide engine skips tiles without tissue).
+        """
+        n = upto - self.lo
+        acc, wsum = self.acc[:, :n].clone(), self.wsum[:n].clone()
+        return self._slide(upto), acc, wsum
+
+    def _slide(self, upto: int) -> int:
+        n = upto - self.lo
         start = self.lo
         if n < self.th:
             self.acc[:, : self.th - n] = self.acc[:, n:].clone()
@@ -124,7 +137,7 @@ class _BandBlender:
         self.acc[:, max(self.th - n, 0) :] = 0
         self.wsum[max(self.th - n, 0) :] = 0
         self.lo = upto
-        return start, out
+        return start
 
 
 class Predictor:
@@ -216,32 +229,45 @@ class Predictor:
         stride = lambda n: max(1, int(round(n * (1.0 - self.config.overlap))))  # noqa: E731
         return _Frame(index, frame, self.pack.normaliser.frame_stats(frame), tile_starts(h, th, stride(th)), tile_starts(w, tw, stride(tw)), th, tw)
 
-    @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
-            out = self.model(x)
-        out = out.float()
-        if self.pack.activation == "softmax":
-            out = torch.softmax(out, dim=1)
-        elif self.pack.activation == "sigmoid":
-            out = torch.sigmoid(out)
-        return out
+        return forward_scores(self.model, batch, self.device, self.pack.activation)
 
     def _write(self, blended: torch.Tensor, start: int, labels: np.ndarray, probs: np.ndarray | None) -> None:
         n = blended.shape[1]
+        idx = class_indices(blended, self.pack.activation, self.config.threshold)
         if self.pack.activation == "sigmoid":
-            idx = (blended[0] > self.config.threshold).long()
             if probs is not None:
                 probs[1, start : start + n] = blended[0].cpu().numpy()
                 probs[0, start : start + n] = 1.0 - probs[1, start : start + n]
-        else:
-            idx = blended.argmax(dim=0)
-            if probs is not None:
-                probs[:, start : start + n] = blended.cpu().numpy()
+        elif probs is not None:
+            probs[:, start : start + n] = blended.cpu().numpy()
         labels[start : start + n] = self._lut[idx].cpu().numpy().astype(labels.dtype, copy=False)
+
+
+@torch.inference_mode()
+def forward_scores(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, activation: str) -> torch.Tensor:
+    """One batch (N, C, H, W) through the model on ``device``: float32 class scores after the pack's activation.
+
+    Shared by the Predictor and the whole-slide engine so both see identical tile outputs.
+    """
+    x = batch.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        out = model(x)
+    out = out.float()
+    if activation == "softmax":
+        out = torch.softmax(out, dim=1)
+    elif activation == "sigmoid":
+        out = torch.sigmoid(out)
+    return out
+
+
+def class_indices(blended: torch.Tensor, activation: str, threshold: float = 0.5) -> torch.Tensor:
+    """Class index per pixel of blended scores (C, H, W): threshold for sigmoid packs, else argmax."""
+    if activation == "sigmoid":
+        return (blended[0] > threshold).long()
+    return blended.argmax(dim=0)
 
 
 def _tile_specs(frames: list[_Frame]) -> Iterator[tuple[_Frame, int, int, bool]]:
@@ -272,4 +298,4 @@ def predict(pack: Pack, image: np.ndarray | ImageData, config: PredictConfig | N
     return Predictor(pack, config).predict(image, **kwargs)
 
 
-__all__ = ["PredictConfig", "Prediction", "Predictor", "blend_weights", "predict", "tile_starts"]
+__all__ = ["PredictConfig", "Prediction", "Predictor", "blend_weights", "class_indices", "forward_scores", "predict", "tile_starts"]
