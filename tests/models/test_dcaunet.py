@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from medseg.models import build, count_parameters, names
+from medseg.models import build, count_parameters
 from medseg.models.dcaunet import DCAUNet, DifferentialCrossAttention, lambda_init_schedule
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from medseg.models import build, count_parameters, names
+from medseg.models import build, count_parameters
 from medseg.models.blocks import load_matching_state_dict
 from medseg.models.tcsaformer import (
     CompressedAttention,
