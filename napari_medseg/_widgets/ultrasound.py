@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 CURRENT_FRAME = "current frame"
 ALL_FRAMES = "all frames"
 DEBOUNCE_MS = 120
+# paint: strokes, fills, erasing (with the touched indices); labels_update: every dab; data: the array replaced;
+# set_data: any refresh, e.g. after undo/redo (checked against a digest of the frame, since slicing fires it too)
+_EDIT_EVENTS = ("paint", "labels_update", "data", "set_data")
 TABLE_COLUMNS = ["frame", "AoP (°)", "HSD (px)", "HSD (mm)", "plane", "status"]
 COLOURS = {"axis": "#ff5050", "tangent": "#ffd700", "hsd": "#00e5ff", "ellipse": "#b0b0ff"}
 POINT_COLOURS = {"V": "#ff5050", "E": "#ff9090", "T": "#ffd700", "H": "#00e5ff"}
@@ -120,6 +123,7 @@ class UltrasoundWidget(Container):
         self._muted = False  # True while this widget writes the Labels data itself
         self._dirty: set[int] = set()
         self.rows: dict[int, FrameMeasurement] = {}
+        self._digests: dict[int, int] = {}  # crc32 of each measured frame, to notice edits that fire no paint event
         self.shapes_layer: Shapes | None = None
         self.points_layer: Points | None = None
         self.last_message = ""
@@ -203,17 +207,18 @@ class UltrasoundWidget(Container):
             return
         self._unwatch()
         self.rows = {}
+        self._digests = {}
         self._refresh_table()
         self._draw()
         if layer is not None:
-            for name in ("paint", "labels_update", "data"):
+            for name in _EDIT_EVENTS:
                 getattr(layer.events, name).connect(self._on_labels_edited)
             self._watched = layer
         self._on_image_changed()
 
     def _unwatch(self) -> None:
         if self._watched is not None:
-            for name in ("paint", "labels_update", "data"):
+            for name in _EDIT_EVENTS:
                 try:
                     getattr(self._watched.events, name).disconnect(self._on_labels_edited)
                 except (TypeError, RuntimeError, ValueError):
@@ -338,6 +343,7 @@ class UltrasoundWidget(Container):
             self.labels_choice.value = layer  # watches it and clears rows of the previous layer
         for r in rows:
             self.rows[r.frame] = r
+            self._digests[r.frame] = self._digest(r.frame, layer)
         self._refresh_table()
         self._draw()
         self._report(summary(rows), "status")
@@ -406,11 +412,17 @@ class UltrasoundWidget(Container):
 
     # ------------------------------------------------------------------ live re-measurement
     def _on_labels_edited(self, event=None) -> None:
-        if self._muted or self._watched is None:
+        if self._muted or self._watched is None or not self.rows:  # live updates once the layer has been measured
             return
-        frames = _touched_frames(event, self._watched)
-        if frames is None:  # the whole data was replaced: every measured frame (or the one on screen)
-            frames = set(self.rows) or {self._current_frame_of(self._watched)}
+        if getattr(event, "type", "") == "set_data":
+            f = self._current_frame_of(self._watched)
+            if f in self.rows and self._digest(f) == self._digests.get(f):
+                return  # a refresh or a new slice, not an edit
+            frames = {f}
+        else:
+            frames = _touched_frames(event, self._watched)
+        if frames is None:  # the whole data was replaced: every measured frame
+            frames = set(self.rows)
         if not frames:
             frames = {self._current_frame_of(self._watched)}
         self._dirty |= frames
@@ -431,12 +443,16 @@ class UltrasoundWidget(Container):
         spacing = self._spacing_for(layer)
         method = self.method.value
         for f in frames:
+            if data.ndim == 3 and not 0 <= f < data.shape[0]:  # the layer lost frames: forget them
+                self.rows.pop(int(f), None)
+                continue
             frame = np.asarray(data[f] if data.ndim == 3 else data)
             if frame.ndim != 2:
                 continue
+            self._digests[int(f)] = _crc(frame)
             b = measure_frame(frame, spacing, method, ps, fh)
             self.rows[int(f)] = FrameMeasurement(layer.name, int(f), method, plane_class(frame, ps, fh), b)
-        self._refresh_table()
+        self._refresh_table([int(f) for f in frames if int(f) in self.rows])
         self._draw()
         current = self.rows.get(self._current_frame_of(layer))
         if current is not None:
@@ -525,9 +541,14 @@ class UltrasoundWidget(Container):
         layer.refresh()
 
     # ------------------------------------------------------------------ table
-    def _refresh_table(self) -> None:
-        frames = sorted(self.rows)
-        self.table.value = {"data": [_table_row(self.rows[f]) for f in frames], "index": frames, "columns": TABLE_COLUMNS}
+    def _refresh_table(self, frames: Sequence[int] | None = None) -> None:
+        """Rewrite the table, or only the rows of ``frames`` when the table already lists the same frames."""
+        listed = sorted(self.rows)
+        if frames is not None and list(self.table.row_headers) == listed:
+            for f in frames:
+                self.table.data[listed.index(f)] = _table_row(self.rows[f])
+            return
+        self.table.value = {"data": [_table_row(self.rows[f]) for f in listed], "index": listed, "columns": TABLE_COLUMNS}
 
     def _on_table_click(self, row: int, _column: int) -> None:
         frames = sorted(self.rows)
@@ -557,6 +578,15 @@ class UltrasoundWidget(Container):
             return 0
         index = layer.world_to_data(self._viewer.dims.point)[0]
         return int(np.clip(round(float(index)), 0, layer.data.shape[0] - 1))
+
+    def _digest(self, frame: int, layer: Labels | None = None) -> int | None:
+        layer = layer if layer is not None else self.labels_choice.value
+        if layer is None:
+            return None
+        data = layer.data
+        if data.ndim == 3:
+            return _crc(np.asarray(data[frame])) if 0 <= frame < data.shape[0] else None
+        return _crc(np.asarray(data))
 
     def _structure_values(self, layer: Labels) -> tuple[int, int]:
         classes = layer.metadata.get("classes")
@@ -599,6 +629,12 @@ def _touched_frames(event, layer: Labels) -> set[int] | None:
         if len(indices) == layer.ndim and np.size(indices[0]):
             frames.update(int(f) for f in np.unique(np.asarray(indices[0])))
     return frames
+
+
+def _crc(array: np.ndarray) -> int:
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8).data)
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:

@@ -125,6 +125,14 @@ def test_a_labels_edit_remeasures_that_frame_and_redraws(viewer_and_widget, qtbo
     assert "no fetal head" in widget.table.data[1][5]
     assert list(widget.shapes_layer.shape_type) == []
     assert "not measurable" in widget.status.value
+    labels.undo()  # undo brings the head back, and its measurement
+    qtbot.waitUntil(lambda: widget.rows[1].ok, timeout=5000)
+    assert widget.rows[1].aop_deg == pytest.approx(aop_hsd(edited).aop)
+
+    # replacing the whole data (e.g. another tool writes the layer) re-measures every measured frame
+    labels.data = stack.copy()
+    qtbot.waitUntil(lambda: widget.rows[1].aop_deg == pytest.approx(before), timeout=5000)
+    assert widget.table.data[1][1] == f"{before:.1f}" and widget.table.data[1][5] == "ok"
 
 
 def test_frame_slider_shows_that_frames_measurement(viewer_and_widget, qtbot):
