@@ -55,12 +55,24 @@ def glomeruli_mosaic(rows: int = 2, cols: int = 3, tile: int = 256, gap: int = 9
     return img.copy(), ref.copy()
 
 
-def write_mosaic_slide(folder: Path, name: str = "mosaic.tif", subifds: bool = False, **kwargs) -> tuple[Path, np.ndarray, np.ndarray]:
-    """Write the mosaic as a 3-level pyramidal TIFF at 1.7 µm/px; returns (path, image, mask)."""
+def write_mosaic_slide(folder: Path, name: str = "mosaic.tif", subifds: bool = False, oracle_levels: bool = False, **kwargs) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write the mosaic as a 3-level pyramidal TIFF at 1.7 µm/px; returns (path, image, mask).
+
+    With ``oracle_levels`` the reduced levels carry the mask (subsampled by 2 and 4) in their blue
+    bit too, so the oracle is exact at every level.
+    """
     from medseg.io.slides import write_pyramid
 
     img, ref = glomeruli_mosaic(**kwargs)
-    path = write_pyramid(Path(folder) / name, img, mpp=TILE_MPP, levels=3, subifds=subifds)
+    levels = img
+    if oracle_levels:
+        levels = [img]
+        for f in (2, 4):
+            h, w = img.shape[0] // f, img.shape[1] // f
+            lv = img[: h * f, : w * f].reshape(h, f, w, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            lv[..., 2] = (lv[..., 2] & 0xFE) | ref[::f, ::f][:h, :w]
+            levels.append(lv)
+    path = write_pyramid(Path(folder) / name, levels, mpp=TILE_MPP, levels=3, subifds=subifds)
     return path, img, ref
 
 

@@ -25,7 +25,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -438,7 +438,7 @@ def _codec_hint(exc: Exception) -> str:
 
 def write_pyramid(
     path: str | os.PathLike,
-    image: np.ndarray,
+    image: np.ndarray | Sequence[np.ndarray],
     mpp: float | None = None,
     levels: int = 3,
     tile: int = 256,
@@ -449,15 +449,16 @@ def write_pyramid(
 
     Reduced levels are consecutive top-level pages flagged as reduced-resolution (OpenSlide's generic
     TIFF), or SubIFDs (OME-TIFF style, tifffile only) with ``subifds=True``; each level halves the
-    previous by 2x2 block mean. ``mpp`` goes into the resolution tags in pixels per centimetre.
-    Written atomically.
+    previous by 2x2 block mean (or ``image`` is a list of ready levels, each half the previous).
+    ``mpp`` goes into the resolution tags in pixels per centimetre. Written atomically.
     """
     import tifffile
 
     from medseg.io.atomic import atomic_path
 
-    pyramid = [np.asarray(image)]
-    for _ in range(1, levels):
+    given = isinstance(image, (list, tuple))
+    pyramid = [np.asarray(a) for a in image] if given else [np.asarray(image)]
+    for _ in range(len(pyramid), 1 if given else levels):
         prev = pyramid[-1]
         h, w = prev.shape[0] // 2, prev.shape[1] // 2
         if min(h, w) < 1:
