@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from medseg.io import IMAGE_SUFFIXES, ImageData, read_image, stem_of
+from medseg.io import IMAGE_SUFFIXES, ImageData, is_slide, read_image, stem_of
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -19,6 +19,8 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     for p in paths:
         if not str(p).lower().endswith(IMAGE_SUFFIXES) or Path(p).is_dir():
             return None
+        if str(p).lower().endswith((".tif", ".tiff")) and is_slide(p):
+            return None  # tiled/pyramidal TIFFs are slides: the slide reader opens them lazily
     return read_layers
 
 
