@@ -251,6 +251,7 @@ _TRAIN_FLAGS = {
     "--run": ("run", str, "run name: checkpoints and logs go to WORKDIR/RUN (default DATASET-ARCH-CONFIG)"),
     "--pack-id": ("pack_id", str, "id of the written pack (default DATASET-ARCH-CONFIG)"),
     "--threads": ("threads", int, "CPU threads for torch"),
+    "--init-from": ("init_from", str, "start from this pack's weights (id or folder): fine-tuning"),
     "--arch-overrides": ("arch_overrides", json.loads, 'constructor arguments on top of --config, as JSON (e.g. \'{"dims": [32, 64, 128, 256]}\')'),
     "--mask-kind": ("mask_kind", str, "dataset folders: index (class values), binary or instance"),
     "--threshold": ("threshold", float, "dataset folders with binary masks: foreground is value > THRESHOLD"),

@@ -42,7 +42,7 @@ from medseg.train.augment import NONE
 from medseg.train.datasets import SegmentationDataset, TrainSamples, evenly
 from medseg.train.evaluate import EvalOptions, evaluate_iter, headline, mean_dice, write_report
 from medseg.train.losses import DiceCELoss
-from medseg.train.packs import Pack, save_pack
+from medseg.train.packs import Pack, load_pack, save_pack
 from medseg.train.recipes import Recipe, get_recipe
 
 CHECKPOINT = "ckpt.pt"
@@ -58,6 +58,7 @@ class TrainConfig:
     arch: str = "unet"
     config: str = "small"
     arch_overrides: dict[str, Any] | None = None  # constructor arguments on top of the config (recorded in the pack)
+    init_from: str | None = None  # start from a pack's weights (id or folder): fine-tuning; matching keys and shapes are copied
     classes: list[str] | None = None
     mask_kind: str | None = None
     threshold: float | None = None
@@ -265,6 +266,8 @@ class _Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic, self.device)
         self.model = models.build(cfg.arch, in_channels=self.recipe.in_channels, num_classes=self.recipe.num_classes, config=cfg.config, **(cfg.arch_overrides or {})).to(self.device)
+        if cfg.init_from:
+            self.init_info = init_from_pack(self.model, cfg.init_from)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
@@ -535,6 +538,8 @@ class _Trainer:
         }
         if cfg.arch_overrides:
             extra["overrides"] = dict(cfg.arch_overrides)
+        if cfg.init_from:
+            training["init_from"] = getattr(self, "init_info", {"pack": cfg.init_from})
         if r.min_object_area_um2:
             extra["postprocess"] = {"min_object_area_um2": r.min_object_area_um2}
         out = Path(cfg.out) if cfg.out else self.run_dir / "pack"
@@ -554,6 +559,17 @@ class _Trainer:
             report=report,
             model=model,
         )
+
+
+def init_from_pack(model: nn.Module, name: str) -> dict[str, Any]:
+    """Copy a pack's weights into ``model`` where keys and shapes match; refuse when nothing matches."""
+    from medseg.models.blocks import load_matching_state_dict
+
+    source = load_pack(name)
+    loaded, skipped = load_matching_state_dict(model, source.model.state_dict())
+    if not loaded:
+        raise UsageError(f"Pack '{name}' ({source.architecture}/{source.config}) shares no weights with this network: start from a pack of the same architecture.")
+    return {"pack": source.id, "sha256": source.sha256, "loaded_tensors": len(loaded), "skipped_tensors": len(skipped)}
 
 
 def _relay(job: Job, label: str) -> Job:
