@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 WHOLE, TISSUE, FOV, RECTANGLE = "whole slide", "tissue", "field of view", "rectangle"
 TABLE_COLUMNS = ["id", "class", "x", "y", "area µm²", "perimeter µm", "confidence"]
 REFRESH_S = 0.5
+MAX_TABLE_ROWS = 5000  # a Qt table with many more rows takes seconds to fill; exports hold every object
 
 
 # --------------------------------------------------------------------------- the job (worker thread)
@@ -305,7 +306,8 @@ class WsiWidget(Container):
         layer.refresh()
         self._fill_table()
         r = outcome.result
-        self._report(f"{layer.name}: {r.tiles} tiles in {r.seconds:.1f} s ({r.tiles_tissue} of {r.tiles_grid} touch tissue); {len(self.objects)} objects.", "status")
+        shown = "" if len(self.objects) <= MAX_TABLE_ROWS else f" (the table shows the first {MAX_TABLE_ROWS}; exports hold all)"
+        self._report(f"{layer.name}: {r.tiles} tiles in {r.seconds:.1f} s ({r.tiles_tissue} of {r.tiles_grid} touch tissue); {len(self.objects)} objects{shown}.", "status")
 
     def _on_unexpected_error(self, exc: Exception) -> None:
         from napari.utils.notifications import notification_manager
@@ -334,8 +336,10 @@ class WsiWidget(Container):
         return self.result_layer
 
     def _fill_table(self) -> None:
+        """The first ``MAX_TABLE_ROWS`` objects (all of them go into the exports)."""
         rows = [[o.id, o.class_name, round(o.centroid_x, 1), round(o.centroid_y, 1), None if o.area_um2 is None else round(o.area_um2, 1),
-                 None if o.perimeter_um is None else round(o.perimeter_um, 1), None if o.confidence != o.confidence else round(o.confidence, 3)] for o in self.objects]
+                 None if o.perimeter_um is None else round(o.perimeter_um, 1), None if o.confidence != o.confidence else round(o.confidence, 3)]
+                for o in self.objects[:MAX_TABLE_ROWS]]
         self.table.value = {c: [r[i] for r in rows] for i, c in enumerate(TABLE_COLUMNS)}
         enabled = self.result is not None
         self.export_csv_button.enabled = self.export_geojson_button.enabled = enabled
