@@ -117,6 +117,7 @@ class WsiWidget(Container):
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(label="", value="")
         self.table = Table(value={c: [] for c in TABLE_COLUMNS})
+        self.object_type = ComboBox(label="GeoJSON as", choices=["detection", "annotation"], value="detection", tooltip="QuPath object type of exported objects")
         self.export_csv_button = PushButton(text="Export CSV…", enabled=False)
         self.export_geojson_button = PushButton(text="Export GeoJSON…", enabled=False)
         for label in (self.model_info, self.status):
@@ -125,7 +126,7 @@ class WsiWidget(Container):
             Container(widgets=[self.file, self.open_button], layout="horizontal", labels=False),
             self.slide, self.model, self.model_info, self.level, self.scope, self.assembly, self.min_area, self.device, self.batch_size, self.output,
             Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False),
-            self.progress, self.status, self.table,
+            self.progress, self.status, self.table, self.object_type,
             Container(widgets=[self.export_csv_button, self.export_geojson_button], layout="horizontal", labels=False),
         ])
         self.table.read_only = True
@@ -361,11 +362,11 @@ class WsiWidget(Container):
     def export_csv(self, path: str | Path) -> Path:
         return write_csv(self.objects, path)
 
-    def export_geojson(self, path: str | Path, object_type: str = "detection") -> Path:
+    def export_geojson(self, path: str | Path, object_type: str | None = None) -> Path:
         from medseg.io.geojson import write_geojson
 
         assert self.result is not None
-        return write_geojson(self.objects, path, self.result.classes, object_type=object_type, mpp=self.result.info.get("slide_mpp"))
+        return write_geojson(self.objects, path, self.result.classes, object_type=object_type or self.object_type.value, mpp=self.result.info.get("slide_mpp"))
 
     def _export_dialog(self, kind: str) -> None:
         from qtpy.QtWidgets import QFileDialog

@@ -503,6 +503,7 @@ def _add_wsi(sub) -> None:
     p.add_argument("--min-area-um2", type=float, default=None, help="objects: drop components smaller than this (default: the pack's, else 0)")
     p.add_argument("--geojson", default=None, metavar="FILE", help="also write the objects as QuPath GeoJSON")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the object table as CSV")
+    p.add_argument("--object-type", choices=("detection", "annotation"), default="detection", help="QuPath object type in the GeoJSON (default detection)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT.zarr when it holds a different run")
     _add_predict_options(p)
     p.set_defaults(run=_run_wsi)
@@ -542,7 +543,7 @@ def _wsi_objects(args, pack, result) -> None:
     if args.geojson:
         from medseg.io.geojson import write_geojson
 
-        _say(f"GeoJSON -> {write_geojson(objects, args.geojson, result.classes)}")
+        _say(f"GeoJSON -> {write_geojson(objects, args.geojson, result.classes, object_type=args.object_type, mpp=result.info.get('slide_mpp'))}")
 
 
 # --------------------------------------------------------------------------- main

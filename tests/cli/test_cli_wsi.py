@@ -35,7 +35,7 @@ def test_wsi_writes_zarr_csv_and_geojson(setup):
     root, slide = setup
     out = root / "out.zarr"
     run = medseg("wsi", str(slide), "--model", "test-unet-rgb", "-o", str(out), "--csv", str(root / "o.csv"), "--geojson", str(root / "o.geojson"),
-                 "--device", "cpu", models=root / "packs")
+                 "--object-type", "annotation", "--device", "cpu", models=root / "packs")
     assert run.returncode == 0, run.stderr
     assert "level 0 (352 x 192 px, 1.700 µm/px)" in run.stderr and "objects" in run.stderr
     group = zarr.open_group(str(out), mode="r")
@@ -45,6 +45,7 @@ def test_wsi_writes_zarr_csv_and_geojson(setup):
     data = json.loads((root / "o.geojson").read_text(encoding="utf-8"))
     assert rows[0].startswith("id,class,centroid_x") and len(rows) - 1 == len(data["features"])
     assert all(f["properties"]["measurements"]["Area µm^2"] >= 50.0 for f in data["features"])  # the pack's minimum area
+    assert {f["properties"]["objectType"] for f in data["features"]} == {"annotation"} and data["medseg"]["mpp"] == pytest.approx(TILE_MPP)
 
     again = medseg("wsi", str(slide), "--model", "test-unet-rgb", "-o", str(out), "--device", "cpu", models=root / "packs")
     assert again.returncode == 0 and "0 tiles predicted" in again.stderr  # finished runs are not redone
