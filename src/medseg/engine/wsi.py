@@ -252,6 +252,8 @@ def _open_output(path: Path, key: dict[str, Any], slide: Slide, pack: Pack, plan
     import zarr
 
     c = cfg.chunk
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder (e.g. made by a file dialog) is not another run
     if path.exists():
         try:
             root = zarr.open_group(str(path), mode="r+")
