@@ -161,3 +161,26 @@ def test_class_values_are_mapped(rng):
     result = Predictor(pack, PredictConfig(tile=16, device="cpu")).predict(image)
     assert result.labels.dtype == np.uint16
     np.testing.assert_array_equal(result.labels, np.array([0, 200, 600])[image.argmax(-1)])
+
+
+def test_image_is_resampled_to_the_pack_pixel_size_and_labels_come_back(rng):
+    """A pack trained at 1.0 µm/px sees a 0.5 µm/px image at half size; labels return on the image's grid."""
+    seen = []
+
+    class Recorder(Identity):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return x.clone()
+
+    pack = identity_pack(3)
+    pack.model, pack.mpp = Recorder(), 1.0
+    image = np.zeros((80, 120, 3), np.float32)
+    image[20:60, 30:90, 1] = 1.0  # a block of class 1 on class 0
+    image[..., 0] = 0.5
+    result = Predictor(pack, PredictConfig(tile=256, device="cpu")).predict(image, mpp=0.5)
+    assert seen == [(40, 60)]
+    assert result.labels.shape == (80, 120) and result.info["resampled"]["factor"] == 0.5
+    expected = np.where(image[..., 1] > image[..., 0], 1, 0)
+    assert (result.labels == expected).mean() > 0.97
+    same = Predictor(pack, PredictConfig(tile=256, device="cpu")).predict(image, mpp=1.0)
+    assert seen[-1] == (80, 120) and "resampled" not in same.info

@@ -21,6 +21,7 @@ from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run
 from medseg.errors import InputError, UsageError
 from medseg.io.images import ImageData, describe_array
 from medseg.normalise import adapt_channels, check_not_constant
+from medseg.resample import resample_image, resample_labels, scale_factor, target_shape
 from medseg.train.packs import ClassInfo, Pack
 
 
@@ -157,8 +158,8 @@ class Predictor:
         self.label_dtype = dtype
 
     # ------------------------------------------------------------------ public API
-    def predict(self, image: np.ndarray | ImageData, rgb: bool | None = None, frames: list[int] | None = None) -> Prediction:
-        return run_sync(self.predict_iter(image, rgb=rgb, frames=frames))
+    def predict(self, image: np.ndarray | ImageData, rgb: bool | None = None, frames: list[int] | None = None, mpp: float | None = None) -> Prediction:
+        return run_sync(self.predict_iter(image, rgb=rgb, frames=frames, mpp=mpp))
 
     def predict_iter(
         self,
@@ -166,10 +167,14 @@ class Predictor:
         rgb: bool | None = None,
         frames: list[int] | None = None,
         cancel: CancelToken | None = None,
+        mpp: float | None = None,
     ) -> Job[Prediction]:
         """Generator: yields :class:`Progress` after every batch, returns the :class:`Prediction`.
 
         ``frames`` restricts a stack to some frame indices (the output keeps only those frames).
+        ``mpp`` is the image's pixel size (µm/px; default: ``image.metadata["mpp"]`` when known): when the
+        pack records the pixel size it was trained at, frames are resampled to it for the model and the
+        labels (and probabilities) brought back to the image's own grid.
         """
         data = image if isinstance(image, ImageData) else describe_array(np.asarray(image), rgb=rgb)
         arr = data.array
@@ -179,6 +184,24 @@ class Predictor:
             if bad:
                 raise InputError(f"Frame(s) {bad} are outside the stack of {stack.shape[0]} frames: choose frames 0 to {stack.shape[0] - 1}.")
             stack = stack[frames]
+        factor = scale_factor(mpp if mpp is not None else data.metadata.get("mpp"), self.pack.mpp)
+        if factor == 1.0:
+            result = yield from self._predict_stack(stack, data, cancel)
+        else:
+            shape = stack.shape[1:3]
+            resampled = np.stack([resample_image(frame, target_shape(shape, factor)) for frame in stack])
+            result = yield from self._predict_stack(resampled, data, cancel)
+            result.labels = np.stack([resample_labels(f, shape) for f in result.labels])
+            if result.probabilities is not None:
+                result.probabilities = np.stack([np.stack([resample_image(c, shape) for c in f]) for f in result.probabilities])
+            result.info["resampled"] = {"factor": factor, "model_shape": tuple(resampled.shape[1:3]), "pack_mpp": self.pack.mpp}
+        if not data.is_stack:
+            result.labels = result.labels[0]
+            result.probabilities = None if result.probabilities is None else result.probabilities[0]
+        return result
+
+    def _predict_stack(self, stack: np.ndarray, data: ImageData, cancel: CancelToken | None = None) -> Job[Prediction]:
+        """Tiles, batches, blends a (T, H, W[, 3]) stack; returns labels (T, H, W)."""
         cfg = self.config
         t0 = time.perf_counter()
         prepared = [self._prepare(stack[i], data.rgb, i, data) for i in range(stack.shape[0])]
@@ -213,9 +236,6 @@ class Predictor:
             done += len(batch)
             yield Progress(done, total, f"{done}/{total} tiles")
         seconds = time.perf_counter() - t0
-        if not data.is_stack:
-            labels = labels[0]
-            probs = None if probs is None else probs[0]
         return Prediction(labels=labels, classes=list(self.pack.classes), probabilities=probs, seconds=seconds, tiles=total)
 
     # ------------------------------------------------------------------ internals

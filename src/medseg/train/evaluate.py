@@ -25,7 +25,8 @@ from medseg.errors import ModelError
 from medseg.io.atomic import atomic_write_text
 from medseg.measure.biometry import aop_hsd, biometry_errors
 from medseg.metrics import METRICS, class_metrics, dice, instances, object_f1, summarise, summarise_cases, summarise_objects
-from medseg.train.datasets import Case, instance_ids, read_case_image, read_mask, resample_image, resample_labels, scale_factor, target_shape
+from medseg.resample import resample_labels
+from medseg.train.datasets import Case, instance_ids, read_case_image, read_mask
 from medseg.train.packs import Pack
 from medseg.train.recipes import Recipe
 
@@ -66,12 +67,7 @@ def _min_area_px(case: Case, recipe: Recipe, options: EvalOptions) -> int:
 def predict_case(predictor: Predictor, pack: Pack, case: Case) -> np.ndarray:
     """The pack's labels for a case on the case's own grid (resampled to the pack's µm/px and back)."""
     image, rgb = read_case_image(case)
-    factor = scale_factor(case.mpp, pack.mpp)
-    shape = image.shape[:2]
-    if factor != 1.0:
-        image = resample_image(image, target_shape(shape, factor))
-    labels = predictor.predict(image, rgb=rgb).labels
-    return resample_labels(labels, shape) if labels.shape != shape else labels
+    return predictor.predict(image, rgb=rgb, mpp=case.mpp).labels
 
 
 def score_case(pack: Pack, recipe: Recipe, case: Case, pred: np.ndarray, options: EvalOptions) -> dict[str, Any]:
