@@ -37,6 +37,16 @@ ALL_FRAMES = "all frames"
 TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
 
+def layer_mpp(layer: Image) -> float | None:
+    """The layer's µm per pixel, from medseg's reader/sample metadata (None when not known)."""
+    meta = layer.metadata.get("medseg", {}) if isinstance(layer.metadata, dict) else {}
+    if meta.get("mpp"):
+        return float(meta["mpp"])
+    if meta.get("pixel_size") and meta.get("pixel_unit") in ("µm", "um", "micron", "microns"):
+        return float(meta["pixel_size"])
+    return None
+
+
 # --------------------------------------------------------------------------- the job (worker thread)
 @dataclass
 class SegmentRequest:
@@ -48,6 +58,7 @@ class SegmentRequest:
     pack_id: str
     config: PredictConfig
     frames: list[int] | None = None
+    mpp: float | None = None  # the layer's µm per pixel, when known (the core resamples to the pack's)
     cancel: CancelToken = field(default_factory=CancelToken)
 
 
@@ -77,7 +88,7 @@ def segment_job(request: SegmentRequest) -> Generator[Progress, None, Prediction
         described = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
         image = _LayerImage(**vars(described), layer_name=request.layer_name)
         predictor = Predictor(resolve(request.pack_id), request.config)
-        return (yield from predictor.predict_iter(image, frames=request.frames, cancel=request.cancel))
+        return (yield from predictor.predict_iter(image, frames=request.frames, cancel=request.cancel, mpp=request.mpp))
     except MedsegError as exc:
         return Refused(exc)
 
@@ -184,7 +195,7 @@ class SegmentWidget(Container):
         if layer.ndim == 3 and self.frames.value == CURRENT_FRAME:
             frames = [self._current_frame(layer)]
         config = PredictConfig(tile=self.tile.value, overlap=self.overlap.value, batch_size=self.batch_size.value, device=self.device.value)
-        self._request = SegmentRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, config, frames)
+        self._request = SegmentRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, config, frames, layer_mpp(layer))
         self._source = layer
         worker = _segment_worker(self._request)
         worker.yielded.connect(self._on_progress)

@@ -130,7 +130,8 @@ def run_demo(
                 predictors[s.pack] = Predictor(p, PredictConfig(tile=p.tile, overlap=p.overlap, device=device))
             predictor = predictors[s.pack]
             image = read_image(s.path)
-            result = run_sync(predictor.predict_iter(image))
+            mpp = s.pixel_size if s.pixel_unit in ("µm", "um") else None
+            result = run_sync(predictor.predict_iter(image, mpp=mpp))
             mask = write_labels(outdir / f"{s.stem}_mask.png", result.labels)
             overlay = render_overlay(image.array, result.labels, class_colours(result.classes), rgb=image.rgb)
             overlay_path = outdir / f"{s.stem}_overlay.png"

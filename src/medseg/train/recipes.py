@@ -80,7 +80,7 @@ class Recipe:
         return len(self.class_names)
 
     def classes(self) -> list[ClassInfo]:
-        colours = {"psfhs": ["#000000", "#e6194b", "#3cb44b"], "glomeruli": ["#000000", "#f032e6"], "polyp": ["#000000", "#ffe119"]}.get(self.name, DEFAULT_COLOURS)
+        colours = {"psfhs": ["#000000", "#e6194b", "#3cb44b"], "glomeruli": ["#000000", "#00e676"], "polyp": ["#000000", "#ffe119"]}.get(self.name, DEFAULT_COLOURS)
         return [ClassInfo(i, n, colours[i % len(colours)]) for i, n in enumerate(self.class_names)]
 
     def path(self, data_root: str | os.PathLike | None = None) -> Path:
