@@ -86,6 +86,7 @@ def _add_segment(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     p.add_argument("--model", "-m", required=True, help="pack id or pack folder (see 'medseg models')")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--mpp", type=float, default=None, help="pixel size of the inputs in µm; they are resampled to the pack's and the masks written on the inputs' grid")
     _add_predict_options(p)
     p.set_defaults(run=_run_segment)
 
@@ -120,7 +121,7 @@ def _run_segment(args) -> int:
     for f in files:
         try:
             image = read_image(f)
-            result = drive(predictor.predict_iter(image), desc=f.name)
+            result = drive(predictor.predict_iter(image, mpp=args.mpp), desc=f.name)
             out = write_labels(label_path(args.output, f, result.labels), result.labels)
             _say(f"{f.name} -> {out} ({result.seconds:.2f} s)")
         except MedsegError as exc:
