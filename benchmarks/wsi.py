@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -110,14 +109,24 @@ def bare_forward(slide_path: Path, pack, cfg: SlideConfig) -> tuple[float, int]:
     return time.perf_counter() - t0, len(tiles)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM (Linux: writing 5 to clear_refs). ``ru_maxrss`` cannot be used here: a child
+    inherits its parent's high-water mark across fork+exec, so it would report the parent's slide."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def memory_child(args) -> dict:
-    """Fresh process: how far a whole run raises the peak RSS above its level after loading the model
-    and two warm-up forwards (whose activations are the model's, not the pipeline's)."""
+    """Fresh process: the peak resident set during a whole run, over the resident set just before it
+    (model loaded, two warm-up forwards done); includes one batch's activations."""
     pack = load_pack(args.model, args.tile)
     slide_path, out = Path(args.child[0]), Path(args.child[1])
     device = resolve_device(args.device)
@@ -127,11 +136,12 @@ def memory_child(args) -> dict:
     import openslide  # noqa: F401 - libraries loaded before the baseline, so only the run's data counts
     import zarr  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _status_kib("VmRSS")
+    _reset_peak()
     t0 = time.perf_counter()
     result = segment_slide(slide_path, pack, out, config(args, strip=args.strip))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kib("VmHWM")
     with open_slide(slide_path) as s:
         h, w = s.shape
     return {"growth": peak - before, "peak": peak, "pixels": h * w, "tiles": result.tiles, "seconds": seconds}
@@ -195,7 +205,7 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         m = json.loads(out.stdout.strip().splitlines()[-1])
         mem_rows.append({"slide": f"{side} x {side}", "area (Mpx)": f"{m['pixels'] / 1e6:.1f}", "tiles predicted": m["tiles"], "seconds": f"{m['seconds']:.1f}",
-                         "peak RSS rise MiB": f"{m['growth'] / 2**20:.0f}", "peak RSS MiB": f"{m['peak'] / 2**20:.0f}", "RGB level 0 MiB": f"{m['pixels'] * 3 / 2**20:.0f}"})
+                         "peak RSS growth MiB": f"{m['growth'] / 2**20:.0f}", "RGB level 0 MiB": f"{m['pixels'] * 3 / 2**20:.0f}"})
     device = resolve_device(args.device)
     skip = best["all"] / best["e2e"]
     body = (
@@ -204,9 +214,10 @@ def main() -> None:
         + table(rows, ["run", "tiles", "seconds", "tiles/s", "throughput vs bare"])
         + f"\n\nEnd-to-end throughput is **{best['bare'] / best['e2e']:.2f}** of the bare forward on the same tiles (aim: >= 0.8). "
         f"Tissue skipping predicts {rt.tiles} of {ra.tiles} tiles and finishes **{skip:.2f}x** faster than tiling everything.\n\n"
-        f"Peak memory of a whole run (fresh process each; rise of the peak resident set above its level after loading the model and two warm-up batches; strip width {args.strip} px, "
+        f"Peak memory of a whole run (fresh process each; peak resident set during the run (VmHWM, reset before it) minus the resident set just before it, "
+        f"model loaded and warmed up, so one batch's activations are included; strip width {args.strip} px, "
         "so both slides are processed in several strips):\n\n"
-        + table(mem_rows, ["slide", "area (Mpx)", "tiles predicted", "seconds", "peak RSS rise MiB", "peak RSS MiB", "RGB level 0 MiB"])
+        + table(mem_rows, ["slide", "area (Mpx)", "tiles predicted", "seconds", "peak RSS growth MiB", "RGB level 0 MiB"])
     )
     print(body)
     command = "python benchmarks/wsi.py" + (f" --model {args.model}" if args.model else "") + f" --side {args.side} --mem-side {args.mem_side} --tile {args.tile} --batch {args.batch} --repeats {args.repeats}"
