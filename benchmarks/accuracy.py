@@ -37,7 +37,7 @@ from medseg import models  # noqa: E402
 from medseg.train.datasets import evenly  # noqa: E402
 from medseg.train.evaluate import evaluate_iter, headline, mean_dice, predict_case, write_report  # noqa: E402
 from medseg.engine.predictor import PredictConfig, Predictor  # noqa: E402
-from medseg.train.packs import Pack, available_packs, load_pack, resources_dir  # noqa: E402
+from medseg.train.packs import Pack, available_packs, load_pack, read_manifest, resources_dir  # noqa: E402
 from medseg.train.recipes import Recipe, get_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,14 +132,39 @@ def n_params(pack: Pack) -> float:
     return sum(p.numel() for p in pack.model.parameters()) / 1e6
 
 
-def training_cells(manifest: dict[str, Any]) -> dict[str, str]:
-    t = manifest.get("training", {})
+def lineage(manifest: dict[str, Any], runs_root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The manifests of the training stages that led to this pack, oldest first (``--init-from`` followed
+    back through the runs' packs), and notes where a link cannot be followed or verified."""
+    chain, notes = [manifest], []
+    while len(chain) < 10:
+        t = chain[-1].get("training", {})
+        source = t.get("config", {}).get("init_from")
+        if not source:
+            break
+        folder = Path(source) if Path(source).is_absolute() else runs_root / source
+        if not (folder / "manifest.json").is_file():
+            notes.append(f"started from '{source}', whose manifest is not here")
+            break
+        previous = read_manifest(folder)
+        recorded = (t.get("init_from") or {}).get("sha256")
+        if recorded and recorded != previous.get("weights", {}).get("sha256"):
+            notes.append(f"'{source}' has changed since this pack was trained from it")
+        chain.append(previous)
+    return chain[::-1], notes
+
+
+def training_cells(manifest: dict[str, Any], runs_root: Path) -> dict[str, str]:
+    """Steps, minutes and exact commands of every training stage (a fine-tuned pack lists its start too)."""
+    chain, notes = lineage(manifest, runs_root)
+    ts = [m.get("training", {}) for m in chain]
+    several = len(chain) > 1
+    commands = [f"{i + 1}. `{m['command']}`" if several else f"`{m['command']}`" for i, m in enumerate(chain) if m.get("command")]
     return {
-        "steps": str(t.get("steps", "—")),
-        "best step": str(t.get("best_step", "—")),
-        "minutes": f"{t['seconds'] / 60:.1f}" if "seconds" in t else "—",
-        "threads": str(t.get("threads", "—")),
-        "command": f"`{manifest['command']}`" if manifest.get("command") else "(not recorded)",
+        "steps": " + ".join(str(t.get("steps", "?")) for t in ts),
+        "best step": str(ts[-1].get("best_step", "—")),
+        "minutes": " + ".join(f"{t['seconds'] / 60:.1f}" if "seconds" in t else "?" for t in ts),
+        "threads": str(ts[-1].get("threads", "—")),
+        "command": ("<br>".join(commands) or "(not recorded)") + ("" if not notes else " (" + "; ".join(notes) + ")"),
     }
 
 
@@ -171,7 +196,8 @@ def fp32_twin(pack: Pack, run_dir: Path | None) -> tuple[Pack | None, str]:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best.items()})
     model.eval()
     kind = "best_state" if ckpt.get("best_state") is not None else "model"
-    return dataclasses.replace(pack, id=f"{pack.id}-fp32", model=model), f"fp32 '{kind}' of {ckpt_path.relative_to(REPO) if ckpt_path.is_relative_to(REPO) else ckpt_path} (step {ckpt.get('best_step', '?')})"
+    where = ckpt_path.relative_to(REPO) if ckpt_path.is_relative_to(REPO) else ckpt_path
+    return dataclasses.replace(pack, id=f"{pack.id}-fp32", model=model), f"'{kind}' of {where} (step {ckpt.get('best_step', '?')}; rounds exactly to the pack's weights)"
 
 
 def pixel_changes(pack16: Pack, pack32: Pack, recipe: Recipe, split: str, n_images: int) -> tuple[float, int]:
@@ -256,7 +282,7 @@ def shipped_section(packs: list[Pack], args, out: Path, val_reports: dict[str, d
                     notes.append(f"{pack.id}: validation Dice measured here differs from the manifest's by up to {max(diffs):.3f}.")
         # (d) training
         t = m.get("training", {})
-        rows_train.append({"pack": pack.id, "architecture": arch_label(m), "params (M)": f"{n_params(pack):.2f}", "data": f"{t.get('dataset', '?')}: {t.get('train_cases', '?')} train / {t.get('val_cases', '?')} val", **training_cells(m)})
+        rows_train.append({"pack": pack.id, "architecture": arch_label(m), "params (M)": f"{n_params(pack):.2f}", "data": f"{t.get('dataset', '?')}: {t.get('train_cases', '?')} train / {t.get('val_cases', '?')} val", **training_cells(m, args.runs_root)})
         # (e) fp16 cost
         if args.fp16_images:
             twin, how = fp32_twin(pack, run_dir_of(m, args.runs_root))
@@ -278,7 +304,7 @@ def shipped_section(packs: list[Pack], args, out: Path, val_reports: dict[str, d
                         "pack": pack.id,
                         "weights": f"fp16 {size16:.2f} MiB vs fp32 {size32:.2f} MiB",
                         "fp32 source": how,
-                        f"val Dice fp32 → fp16 (n = {rep16['n_cases']})": "; ".join(deltas),
+                        "val fp32 → fp16": f"n = {rep16['n_cases']}: " + "; ".join(deltas),
                         "labels changed": f"{pct:.4f} % of pixels ({n_img} images)",
                     }
                 )
@@ -357,7 +383,7 @@ def tried_section(tried: list[Pack], shipped: list[Pack], args, out: Path, val_r
                 row["abs. ΔAoP °"] = num(head.get("aop_error_deg"), 2)
             if "objects" in rep:
                 row["object F1"] = num(head.get("object_f1"))
-            row.update(training_cells(pack.manifest))
+            row.update(training_cells(pack.manifest, args.runs_root))
             row["_score"] = mean_dice(rep) + (1.0 if kind == "shipped" else 0.0)
             rows.append(row)
         rows.sort(key=lambda r: -r["_score"])
