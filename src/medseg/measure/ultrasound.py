@@ -34,6 +34,7 @@ from medseg.errors import InputError, UsageError
 from medseg.io.atomic import atomic_write_text
 from medseg.measure.biometry import Biometry, aop_hsd
 from medseg.measure.ellipse import aop_hsd_ellipse
+from medseg.resample import resample_labels
 
 METHODS = ("contour", "ellipse")
 DEFAULT_PACK = "ultrasound-fhps"
@@ -128,16 +129,6 @@ def check_method(method: str) -> str:
     return method
 
 
-def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize by pixel centres (values exact), as the evaluation's IUGC grid does."""
-    if labels.shape == tuple(shape):
-        return labels
-    h, w = labels.shape
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
 def measure_frame(labels: np.ndarray, spacing: Sequence[float] | None = None, method: str = "contour", ps_value: int = 1,
                   fh_value: int = 2, grid: int | None = None) -> Biometry:
     """AoP/HSD of one 2-D label map by ``method``; ``grid`` = N measures on the map resized to N x N
@@ -148,7 +139,7 @@ def measure_frame(labels: np.ndarray, spacing: Sequence[float] | None = None, me
         raise InputError(f"A label frame must be 2-D, not shape {labels.shape}: give one frame or a (T, H, W) stack.")
     if grid:
         h, w = labels.shape
-        labels = _resize_nearest(labels, (grid, grid))
+        labels = resample_labels(labels, (grid, grid))
         if spacing is not None:
             spacing = (float(spacing[0]) * h / grid, float(spacing[1]) * w / grid)
     fn = aop_hsd if method == "contour" else aop_hsd_ellipse
