@@ -90,23 +90,27 @@ def end_to_end(slide_path: Path, pack, out: Path, cfg: SlideConfig) -> tuple[flo
 
 
 def bare_forward(slide_path: Path, pack, cfg: SlideConfig) -> tuple[float, int]:
-    """The model alone on the tiles the run predicts (tissue tiles), read and normalised beforehand."""
+    """The model alone on the tiles the run predicts (tissue tiles), batched the same way: only the
+    forward calls are timed; each batch is read and normalised just before (untimed), so the model
+    sees its inputs as fresh in memory as in the pipeline."""
     device = resolve_device(cfg.device)
     model = pack.model.to(device).eval()
+    seconds = 0.0
     with open_slide(slide_path) as slide:
         plan = _plan(slide, pack, cfg)
         tissue = detect_tissue(slide)
         sy, sx = plan.scale
         tiles = [(y, x) for y in plan.ys for x in plan.xs if tissue.touches(y * sy, x * sx, (y + plan.th) * sy, (x + plan.tw) * sx)]
-        arrays = [pack.normaliser.apply(adapt_channels(slide.read_region(plan.level, y, x, plan.th, plan.tw), True, pack.in_channels), (0.0, 1.0)) for y, x in tiles]
-    batches = [torch.from_numpy(np.stack(arrays[i : i + cfg.batch_size])) for i in range(0, len(arrays), cfg.batch_size)]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in batches:
-        out = forward_scores(model, b, device, pack.activation)
-    out.cpu()
-    return time.perf_counter() - t0, len(tiles)
+        for i in range(0, len(tiles), cfg.batch_size):
+            arrays = [pack.normaliser.apply(adapt_channels(slide.read_region(plan.level, y, x, plan.th, plan.tw), True, pack.in_channels), (0.0, 1.0)) for y, x in tiles[i : i + cfg.batch_size]]
+            batch = torch.from_numpy(np.stack(arrays))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = forward_scores(model, batch, device, pack.activation)
+            out.cpu()
+            seconds += time.perf_counter() - t0
+    return seconds, len(tiles)
 
 
 def _status_kib(field: str) -> int:
@@ -188,7 +192,7 @@ def main() -> None:
     rt, ra = info["tissue"], info["all"]
     assert rt.tiles == n_tissue, (rt.tiles, n_tissue)
     rows = [
-        {"run": "bare model forward on the tissue tiles (pre-read)", "tiles": n_tissue, "seconds": f"{best['bare']:.2f}", "tiles/s": f"{n_tissue / best['bare']:.2f}", "throughput vs bare": "1.00"},
+        {"run": "bare model forward on the tissue tiles (forward calls only)", "tiles": n_tissue, "seconds": f"{best['bare']:.2f}", "tiles/s": f"{n_tissue / best['bare']:.2f}", "throughput vs bare": "1.00"},
         {"run": "medseg wsi end to end, tissue only (read, blend, zarr)", "tiles": rt.tiles, "seconds": f"{best['e2e']:.2f}", "tiles/s": f"{rt.tiles / best['e2e']:.2f}", "throughput vs bare": f"{best['bare'] / best['e2e']:.2f}"},
         {"run": "medseg wsi end to end, every tile (no tissue skipping)", "tiles": ra.tiles, "seconds": f"{best['all']:.2f}", "tiles/s": f"{ra.tiles / best['all']:.2f}", "throughput vs bare": f"{(ra.tiles / best['all']) / (n_tissue / best['bare']):.2f}"},
     ]
