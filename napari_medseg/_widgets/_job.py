@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Sequence
 
 from magicgui.widgets import Label, ProgressBar, PushButton
 from napari.qt.threading import thread_worker
@@ -54,7 +54,7 @@ _worker_factory = thread_worker(_run_job, ignore_errors=True)
 
 
 class JobRunner:
-    """Runs one job at a time for a dock and reports on its widgets.
+    """Runs one job at a time for a dock and reports on its widgets (any of which may be left out).
 
     ``start(job, *args, description=..., on_result=...)`` runs ``job(*args, cancel=token)`` when
     ``pass_cancel`` is true (the default), calls ``on_result`` on the GUI thread with what the job
@@ -62,9 +62,9 @@ class JobRunner:
     (if given) when the job has ended whatever the outcome.
     """
 
-    def __init__(self, run_button: PushButton | None, cancel_button: PushButton | None, bar: ProgressBar | None,
-                 status: Label | None) -> None:
-        self.run_button, self.cancel_button, self.bar, self.status = run_button, cancel_button, bar, status
+    def __init__(self, *, run_buttons: Sequence[PushButton] = (), cancel_button: PushButton | None = None,
+                 bar: ProgressBar | None = None, status: Label | None = None) -> None:
+        self.run_buttons, self.cancel_button, self.bar, self.status = list(run_buttons), cancel_button, bar, status
         self.worker = None
         self.cancel_token: CancelToken | None = None
         self.last_message = ""
@@ -160,8 +160,8 @@ class JobRunner:
             on_done()
 
     def _set_running(self, running: bool) -> None:
-        if self.run_button is not None:
-            self.run_button.enabled = not running
+        for button in self.run_buttons:  # the buttons that start jobs: off while one runs
+            button.enabled = not running
         if self.cancel_button is not None:
             self.cancel_button.enabled = running
         if not running and self.bar is not None:
