@@ -58,8 +58,9 @@ class JobRunner:
 
     ``start(job, *args, description=..., on_result=...)`` runs ``job(*args, cancel=token)`` when
     ``pass_cancel`` is true (the default), calls ``on_result`` on the GUI thread with what the job
-    returned (a :class:`Refused` is reported here and never reaches ``on_result``) and ``on_done``
-    (if given) when the job has ended whatever the outcome.
+    returned (a :class:`Refused` is reported here and never reaches ``on_result``), ``on_progress`` (if
+    given) on each event after the bar and status are updated, and ``on_done`` (if given) when the job
+    has ended whatever the outcome.
     """
 
     def __init__(self, *, run_buttons: Sequence[PushButton] = (), cancel_button: PushButton | None = None,
@@ -71,14 +72,15 @@ class JobRunner:
         self._pbar: progress | None = None
         self._on_result: Callable[[Any], None] | None = None
         self._on_done: Callable[[], None] | None = None
+        self._on_event: Callable[[Progress], None] | None = None
 
     @property
     def running(self) -> bool:
         return self.worker is not None
 
     def start(self, job: Callable[..., Generator[Progress, None, Any]], *args, description: str,
-              on_result: Callable[[Any], None], on_done: Callable[[], None] | None = None, pass_cancel: bool = True,
-              **kwargs):
+              on_result: Callable[[Any], None], on_done: Callable[[], None] | None = None,
+              on_progress: Callable[[Progress], None] | None = None, pass_cancel: bool = True, **kwargs):
         """Start ``job``; returns the worker, or ``None`` when a job is already running."""
         if self.worker is not None:
             return None
@@ -94,7 +96,7 @@ class JobRunner:
         except (AttributeError, TypeError, RuntimeError):
             pass
         worker.finished.connect(self._on_finished)
-        self.worker, self._on_result, self._on_done = worker, on_result, on_done
+        self.worker, self._on_result, self._on_done, self._on_event = worker, on_result, on_done, on_progress
         self._set_running(True)
         self._pbar = progress(total=0, desc=description)
         self._set_status(f"{description}...")
@@ -127,6 +129,8 @@ class JobRunner:
                 self.bar.max = event.total
                 self.bar.value = event.done
         self._set_status(event.message)
+        if self._on_event is not None:
+            self._on_event(event)
         # last: napari's progress bar may process pending events (even this job's end) while it updates
         pbar = self._pbar
         if pbar is not None:
@@ -151,7 +155,7 @@ class JobRunner:
 
     def _on_finished(self) -> None:
         on_done = self._on_done
-        self.worker = self.cancel_token = self._on_result = self._on_done = None
+        self.worker = self.cancel_token = self._on_result = self._on_done = self._on_event = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None

@@ -19,15 +19,13 @@ import pandas  # noqa: F401
 import skimage.color.colorconv  # noqa: F401
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
-from napari.utils import progress
 from napari.utils.colormaps import DirectLabelColormap
-from napari.utils.notifications import show_error, show_info
 
 from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Progress
-from medseg.errors import Cancelled, MedsegError
+from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
 from medseg.train.packs import available_packs, read_manifest, resolve
+from napari_medseg._widgets._job import JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -73,29 +71,14 @@ class _LayerImage(ImageData):
         return self.layer_name
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A run that ended with a :class:`MedsegError` (returned, not raised: the worker treats raised or
-    returned exceptions as crashes with tracebacks, but these are messages for a person)."""
-
-    error: MedsegError
-
-
-def segment_job(request: SegmentRequest) -> Generator[Progress, None, Prediction | Refused]:
-    """Load the pack and predict; a :class:`MedsegError` comes back as :class:`Refused` for the GUI to report."""
-    try:
-        yield Progress(0, 0, f"loading {request.pack_id}")
-        described = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
-        image = _LayerImage(**vars(described), layer_name=request.layer_name)
-        predictor = Predictor(resolve(request.pack_id), request.config)
-        return (yield from predictor.predict_iter(image, frames=request.frames, cancel=request.cancel, mpp=request.mpp))
-    except MedsegError as exc:
-        return Refused(exc)
-
-
-# Anything else raised in the job is a bug: the widget reports it as an error notification (with its
-# traceback) rather than letting the worker re-raise it in the event loop.
-_segment_worker = thread_worker(segment_job, ignore_errors=True)
+@refusing
+def segment_job(request: SegmentRequest, cancel: CancelToken | None = None) -> Generator[Progress, None, Prediction]:
+    """Load the pack and predict (a :class:`MedsegError` comes back as :class:`Refused` for the GUI to report)."""
+    yield Progress(0, 0, f"loading {request.pack_id}")
+    described = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
+    image = _LayerImage(**vars(described), layer_name=request.layer_name)
+    predictor = Predictor(resolve(request.pack_id), request.config)
+    return (yield from predictor.predict_iter(image, frames=request.frames, cancel=cancel or request.cancel, mpp=request.mpp))
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
@@ -105,11 +88,8 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # napari passes the viewer by this name
         super().__init__(labels=True)
         viewer = self._viewer = napari_viewer
-        self._worker = None
         self._request: SegmentRequest | None = None
         self._source: Image | None = None
-        self._pbar: progress | None = None
-        self.last_message = ""
         self.last_layer: Labels | None = None
 
         self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the image layer to segment")
@@ -130,6 +110,7 @@ class SegmentWidget(Container):
             label.native.setWordWrap(True)  # long sentences wrap instead of widening the dock
         self.extend([self.image, self.frames, self.model, self.model_info, self.device, self.tile, self.overlap, self.batch_size,
                      buttons, self.progress, self.status])
+        self.jobs = JobRunner(run_buttons=[self.run_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
 
         self.image.changed.connect(self._on_image_changed)
         self.model.changed.connect(self._on_model_changed)
@@ -138,7 +119,7 @@ class SegmentWidget(Container):
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
             emitter.connect(self.reset_choices)
         viewer.layers.selection.events.active.connect(self._on_active_layer)
-        self.native.destroyed.connect(self._cancel_request)
+        self.native.destroyed.connect(lambda *_: self.jobs.cancel())
 
         self._on_active_layer()
         self._on_image_changed()
@@ -153,7 +134,7 @@ class SegmentWidget(Container):
 
     def _on_active_layer(self, _event=None) -> None:
         active = self._viewer.layers.selection.active
-        if isinstance(active, Image) and self._worker is None and active in [c for _, c in self._image_choices()]:
+        if isinstance(active, Image) and not self.jobs.running and active in [c for _, c in self._image_choices()]:
             self.image.value = active
 
     def _on_image_changed(self, _value=None) -> None:
@@ -179,7 +160,7 @@ class SegmentWidget(Container):
     # ------------------------------------------------------------------ actions
     def run(self, _value=None):
         """Start a run on the chosen layer; returns the worker (or ``None`` when the input is refused)."""
-        if self._worker is not None:
+        if self.jobs.running:
             return None
         layer = self.image.value
         if layer is None:
@@ -197,93 +178,33 @@ class SegmentWidget(Container):
         config = PredictConfig(tile=self.tile.value, overlap=self.overlap.value, batch_size=self.batch_size.value, device=self.device.value)
         self._request = SegmentRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, config, frames, layer_mpp(layer))
         self._source = layer
-        worker = _segment_worker(self._request)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_unexpected_error)
-        try:  # napari's own relay (not wired up in napari 0.9.2); keep one notification per error
-            worker.errored.disconnect(worker._relay_error)
-        except (AttributeError, TypeError, RuntimeError):
-            pass
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._set_running(True)
         what = f"frame {frames[0]} of " if frames else ""
-        self._pbar = progress(total=0, desc=f"Segmenting {what}{layer.name} with {self.model.value}")
-        self.status.value = f"segmenting {what}{layer.name}..."
-        worker.start()
-        return worker
+        return self.jobs.start(segment_job, self._request, description=f"Segmenting {what}{layer.name} with {self.model.value}",
+                               on_result=self._on_result, on_done=self._on_done)
 
     def cancel(self, _value=None) -> None:
         """Ask the running job to stop after its current batch."""
-        if self._request is not None and self._worker is not None:
-            self._request.cancel.cancel()
-            self.status.value = "cancelling..."
-
-    def _cancel_request(self, *_args) -> None:
-        if self._request is not None:
-            self._request.cancel.cancel()
+        self.jobs.cancel()
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        return self.jobs.running
 
-    # ------------------------------------------------------------------ worker callbacks
-    def _on_progress(self, event: Progress) -> None:
-        if self._request is None:  # a late event of a run that has already ended
-            return
-        if event.total <= 0:
-            self.progress.max = 0  # busy indicator
-        else:
-            self.progress.max = event.total
-            self.progress.value = event.done
-        self.status.value = event.message
-        # last: napari's progress bar may process pending events (even this run's end) while it updates
-        pbar = self._pbar
-        if pbar is not None:
-            if pbar.total != event.total:
-                pbar.total = event.total
-            if event.done > pbar.n:
-                pbar.update(event.done - pbar.n)
+    @property
+    def last_message(self) -> str:
+        return self.jobs.last_message
 
-    def _on_returned(self, outcome: Prediction | Refused) -> None:
-        if isinstance(outcome, Refused):
-            self._report(str(outcome.error), "info" if isinstance(outcome.error, Cancelled) else "error")
-        else:
-            layer = self._add_result(outcome)
-            self._report(f"{layer.name}: {outcome.tiles} tiles in {outcome.seconds:.1f} s.", "status")
+    # ------------------------------------------------------------------ job outcome (GUI thread)
+    def _on_result(self, prediction: Prediction) -> None:
+        layer = self._add_result(prediction)
+        self.jobs.report(f"{layer.name}: {prediction.tiles} tiles in {prediction.seconds:.1f} s.")
 
-    def _on_unexpected_error(self, exc: Exception) -> None:
-        """A bug, not a bad input: an error notification that carries the traceback."""
-        from napari.utils.notifications import notification_manager
-
-        self.last_message = self.status.value = f"failed: {type(exc).__name__}: {exc}"
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
-
-    def _on_finished(self) -> None:
-        self._worker = None
+    def _on_done(self) -> None:
         self._request = None
         self._source = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self._set_running(False)
-
-    # ------------------------------------------------------------------ helpers
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
-        if not running:
-            self.progress.max = max(self.progress.max, 1)
-            self.progress.value = 0
 
     def _report(self, message: str, level: str) -> None:
-        self.last_message = message
-        self.status.value = message
-        if level == "error":
-            show_error(message)
-        elif level == "info":
-            show_info(message)
+        self.jobs.report(message, level)
 
     def _current_frame(self, layer: Image) -> int:
         index = layer.world_to_data(self._viewer.dims.point)[0]

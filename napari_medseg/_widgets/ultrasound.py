@@ -26,20 +26,19 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, RadioButtons, Table
 from napari.layers import Image, Labels, Points, Shapes
-from napari.qt.threading import thread_worker
 from napari.utils.colormaps import DirectLabelColormap
-from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractScrollArea, QHeaderView, QStyledItemDelegate
 
 from medseg.engine import CancelToken, PredictConfig, Progress
-from medseg.errors import Cancelled, MedsegError
+from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
 from medseg.measure.ultrasound import (
     DEFAULT_PACK, METHODS, FrameMeasurement, UltrasoundResult, measure_frame, measure_frames_iter, plane_class, structure_values,
     summary, ultrasound_job, write_csv,
 )
 from medseg.train.packs import available_packs, read_manifest
+from napari_medseg._widgets._job import JobRunner, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -72,13 +71,6 @@ class UltrasoundRequest:
     cancel: CancelToken = field(default_factory=CancelToken)
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A run that ended with a :class:`MedsegError` (returned, not raised, so it becomes a notification)."""
-
-    error: MedsegError
-
-
 @dataclass
 class Measured:
     """Rows of a measure-only run."""
@@ -86,27 +78,19 @@ class Measured:
     rows: list[FrameMeasurement]
 
 
-def segment_and_measure_job(request: UltrasoundRequest) -> Generator[Progress, None, UltrasoundResult | Refused]:
-    try:
-        image = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
-        image = ImageData(**{**vars(image), "spacing": request.spacing})
-        return (yield from ultrasound_job(image, request.pack_id, request.config, frames=request.frames, method=request.method,
-                                          stem=request.layer_name, cancel=request.cancel))
-    except MedsegError as exc:
-        return Refused(exc)
+@refusing
+def segment_and_measure_job(request: UltrasoundRequest, cancel: CancelToken | None = None) -> Generator[Progress, None, UltrasoundResult]:
+    image = describe_array(np.asarray(request.data), rgb=request.rgb, source=f"Layer '{request.layer_name}'")
+    image = ImageData(**{**vars(image), "spacing": request.spacing})
+    return (yield from ultrasound_job(image, request.pack_id, request.config, frames=request.frames, method=request.method,
+                                      stem=request.layer_name, cancel=cancel or request.cancel))
 
 
+@refusing
 def measure_job(labels: np.ndarray, frames: list[int], spacing, method: str, stem: str, ps_value: int, fh_value: int,
-                cancel: CancelToken) -> Generator[Progress, None, Measured | Refused]:
-    try:
-        rows = yield from measure_frames_iter(labels, spacing, method, stem, frames, ps_value, fh_value, cancel=cancel)
-        return Measured(rows)
-    except MedsegError as exc:
-        return Refused(exc)
-
-
-_segment_worker = thread_worker(segment_and_measure_job, ignore_errors=True)
-_measure_worker = thread_worker(measure_job, ignore_errors=True)
+                cancel: CancelToken | None = None) -> Generator[Progress, None, Measured]:
+    rows = yield from measure_frames_iter(labels, spacing, method, stem, frames, ps_value, fh_value, cancel=cancel)
+    return Measured(rows)
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
@@ -116,8 +100,6 @@ class UltrasoundWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__(labels=True)
         viewer = self._viewer = napari_viewer
-        self._worker = None
-        self._cancel: CancelToken | None = None
         self._pending: dict[str, Any] = {}
         self._watched: Labels | None = None
         self._muted = False  # True while this widget writes the Labels data itself
@@ -126,7 +108,6 @@ class UltrasoundWidget(Container):
         self._digests: dict[int, int] = {}  # crc32 of each measured frame, to notice edits that fire no paint event
         self.shapes_layer: Shapes | None = None
         self.points_layer: Points | None = None
-        self.last_message = ""
 
         self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the ultrasound image, DICOM or video layer to segment")
         self.labels_choice = ComboBox(label="labels", choices=self._labels_choices,
@@ -155,6 +136,8 @@ class UltrasoundWidget(Container):
         self.export_button = PushButton(text="Export CSV")
         self.extend([self.image, self.labels_choice, self.frames, self.model, self.method, self.device, buttons, self.progress, self.status,
                      self.table, self.csv_path, self.export_button])
+        self.jobs = JobRunner(run_buttons=[self.run_button, self.measure_button], cancel_button=self.cancel_button, bar=self.progress,
+                              status=self.status)
 
         self._timer = QTimer()
         self._timer.setSingleShot(True)
@@ -232,7 +215,7 @@ class UltrasoundWidget(Container):
     # ------------------------------------------------------------------ actions
     def run(self, _value=None):
         """Segment the image (current frame or all frames) with the pack, then measure; returns the worker or None."""
-        if self._worker is not None:
+        if self.jobs.running:
             return None
         layer = self.image.value
         if layer is None:
@@ -252,14 +235,13 @@ class UltrasoundWidget(Container):
         config = PredictConfig(tile=int(manifest.get("tile", 256)), overlap=float(manifest.get("overlap", 0.25)), device=self.device.value)
         request = UltrasoundRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, self.method.value, _layer_spacing(layer),
                                     frames, config)
-        worker = _segment_worker(request)
         self._pending = {"kind": "segment", "source": layer, "request": request}
-        self._start(worker, request.cancel, f"segmenting {'frame %d of ' % frames[0] if frames else ''}{layer.name} with {request.pack_id}...")
-        return worker
+        return self.jobs.start(segment_and_measure_job, request, on_result=self._on_result, on_done=self._on_done,
+                               description=f"segmenting {'frame %d of ' % frames[0] if frames else ''}{layer.name} with {request.pack_id}")
 
     def measure(self, _value=None):
         """Measure the chosen Labels layer (current frame or all frames); returns the worker or None."""
-        if self._worker is not None:
+        if self.jobs.running:
             return None
         layer = self.labels_choice.value
         if layer is None:
@@ -273,16 +255,12 @@ class UltrasoundWidget(Container):
         else:
             return self._refuse(f"Labels layer '{layer.name}' has {data.ndim} dimensions: measure 2-D frames or (T, H, W) stacks.")
         ps, fh = self._structure_values(layer)
-        cancel = CancelToken()
-        worker = _measure_worker(stack, frames, self._spacing_for(layer), self.method.value, layer.name, ps, fh, cancel)
         self._pending = {"kind": "measure", "labels": layer}
-        self._start(worker, cancel, f"measuring {len(frames)} frame(s) of {layer.name}...")
-        return worker
+        return self.jobs.start(measure_job, stack, frames, self._spacing_for(layer), self.method.value, layer.name, ps, fh,
+                               on_result=self._on_result, on_done=self._on_done, description=f"measuring {len(frames)} frame(s) of {layer.name}")
 
     def cancel(self, _value=None) -> None:
-        if self._cancel is not None and self._worker is not None:
-            self._cancel.cancel()
-            self.status.value = "cancelling..."
+        self.jobs.cancel()
 
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the table (all measured frames, in frame order) as CSV; returns the path or None."""
@@ -300,37 +278,14 @@ class UltrasoundWidget(Container):
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        return self.jobs.running
 
-    # ------------------------------------------------------------------ worker plumbing
-    def _start(self, worker, cancel: CancelToken, message: str) -> None:
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_unexpected_error)
-        try:
-            worker.errored.disconnect(worker._relay_error)
-        except (AttributeError, TypeError, RuntimeError):
-            pass
-        worker.finished.connect(self._on_finished)
-        self._worker, self._cancel = worker, cancel
-        self._set_running(True)
-        self.status.value = message
-        worker.start()
+    @property
+    def last_message(self) -> str:
+        return self.jobs.last_message
 
-    def _on_progress(self, event: Progress) -> None:
-        if self._worker is None:
-            return
-        if event.total <= 0:
-            self.progress.max = 0
-        else:
-            self.progress.max = event.total
-            self.progress.value = event.done
-        self.status.value = event.message
-
-    def _on_returned(self, outcome) -> None:
-        if isinstance(outcome, Refused):
-            self._report(str(outcome.error), "info" if isinstance(outcome.error, Cancelled) else "error")
-            return
+    # ------------------------------------------------------------------ job outcome (GUI thread)
+    def _on_result(self, outcome: UltrasoundResult | Measured) -> None:
         if isinstance(outcome, UltrasoundResult):
             layer = self._add_labels(outcome)
             rows = outcome.rows
@@ -348,35 +303,17 @@ class UltrasoundWidget(Container):
         self._draw()
         self._report(summary(rows), "status")
 
-    def _on_unexpected_error(self, exc: Exception) -> None:
-        from napari.utils.notifications import notification_manager
-
-        self.last_message = self.status.value = f"failed: {type(exc).__name__}: {exc}"
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel = None
+    def _on_done(self) -> None:
         self._pending = {}
-        self._set_running(False)
 
     def _on_destroyed(self, *_args) -> None:
-        if self._cancel is not None:
-            self._cancel.cancel()
+        self.jobs.cancel()
         self._timer.stop()
         self._unwatch()
         try:
             self._viewer.dims.events.current_step.disconnect(self._on_step)
         except (TypeError, RuntimeError, ValueError):
             pass
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.measure_button.enabled = not running
-        self.cancel_button.enabled = running
-        if not running:
-            self.progress.max = max(self.progress.max, 1)
-            self.progress.value = 0
 
     # ------------------------------------------------------------------ labels result
     def _add_labels(self, result: UltrasoundResult) -> Labels:
@@ -456,7 +393,7 @@ class UltrasoundWidget(Container):
         self._draw()
         current = self.rows.get(self._current_frame_of(layer))
         if current is not None:
-            self.last_message = self.status.value = _describe(current)
+            self.jobs.report(_describe(current))
 
     # ------------------------------------------------------------------ drawing
     def _on_step(self, _event=None) -> None:
@@ -565,12 +502,7 @@ class UltrasoundWidget(Container):
         return None
 
     def _report(self, message: str, level: str) -> None:
-        self.last_message = message
-        self.status.value = message
-        if level == "error":
-            show_error(message)
-        elif level == "info":
-            show_info(message)
+        self.jobs.report(message, level)
 
     def _current_frame_of(self, layer: Image | Labels | None) -> int:
         """The frame of ``layer`` on screen (0 for 2-D layers)."""

@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING, Any, Generator
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox, Table
 from napari.layers import Image, Labels, Shapes
-from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
 
 from medseg.engine.progress import CancelToken, Progress
 from medseg.engine.wsi import SlideConfig, SlideResult, segment_slide_iter
-from medseg.errors import Cancelled, MedsegError
+from medseg.errors import MedsegError
 from medseg.measure.objects import SlideObject, slide_objects, write_csv
 from medseg.train.packs import available_packs, read_manifest, resolve
 from napari_medseg._slide_io import result_layer_data, slide_layer_data
+from napari_medseg._widgets._job import JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -59,26 +58,14 @@ class WsiOutcome:
     objects: list[SlideObject]
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A run that ended with a :class:`MedsegError` (a message for a person, not a crash)."""
-
-    error: MedsegError
-
-
-def wsi_job(request: WsiRequest) -> Generator[Progress, None, WsiOutcome | Refused]:
-    try:
-        yield Progress(0, 0, f"loading {request.pack_id}")
-        pack = resolve(request.pack_id)
-        result = yield from segment_slide_iter(request.slide_path, pack, request.output, request.config, request.cancel)
-        yield Progress(0, 0, "measuring objects")
-        objects = slide_objects(result, min_area_um2=request.min_area_um2 or None)
-        return WsiOutcome(result, objects)
-    except MedsegError as exc:
-        return Refused(exc)
-
-
-_wsi_worker = thread_worker(wsi_job, ignore_errors=True)
+@refusing
+def wsi_job(request: WsiRequest, cancel: CancelToken | None = None) -> Generator[Progress, None, WsiOutcome]:
+    yield Progress(0, 0, f"loading {request.pack_id}")
+    pack = resolve(request.pack_id)
+    result = yield from segment_slide_iter(request.slide_path, pack, request.output, request.config, cancel or request.cancel)
+    yield Progress(0, 0, "measuring objects")
+    objects = slide_objects(result, min_area_um2=request.min_area_um2 or None)
+    return WsiOutcome(result, objects)
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
@@ -88,7 +75,6 @@ class WsiWidget(Container):
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
         super().__init__(labels=True)
         viewer = self._viewer = napari_viewer
-        self._worker = None
         self._request: WsiRequest | None = None
         self._slide_layer: Image | None = None
         self._last_refresh = 0.0
@@ -96,7 +82,6 @@ class WsiWidget(Container):
         self.objects: list[SlideObject] = []
         self.result_layer: Labels | None = None
         self.partial_updates = 0
-        self.last_message = ""
 
         self.file = FileEdit(label="slide file", mode="r", filter="Slides (*.svs *.ndpi *.mrxs *.scn *.bif *.tif *.tiff *.vms *.vmu *.svslide)")
         self.open_button = PushButton(text="Open slide")
@@ -129,6 +114,7 @@ class WsiWidget(Container):
             self.progress, self.status, self.table, self.object_type,
             Container(widgets=[self.export_csv_button, self.export_geojson_button], layout="horizontal", labels=False),
         ])
+        self.jobs = JobRunner(run_buttons=[self.run_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
         self.table.read_only = True
         self.table.native.cellClicked.connect(self._on_row_clicked)
         self.open_button.changed.connect(self._on_open)
@@ -140,7 +126,7 @@ class WsiWidget(Container):
         self.export_geojson_button.changed.connect(lambda *_: self._export_dialog("geojson"))
         for emitter in (viewer.layers.events.inserted, viewer.layers.events.removed):
             emitter.connect(self.reset_choices)
-        self.native.destroyed.connect(self._cancel_request)
+        self.native.destroyed.connect(lambda *_: self.jobs.cancel())
         self._on_model_changed()
 
     # ------------------------------------------------------------------ choices
@@ -196,7 +182,7 @@ class WsiWidget(Container):
 
     def run(self, _value=None):
         """Start a run; returns the worker (or ``None`` when the choices are refused)."""
-        if self._worker is not None:
+        if self.jobs.running:
             return None
         layer = self.slide.value
         if layer is None:
@@ -221,33 +207,21 @@ class WsiWidget(Container):
         self._slide_layer = layer
         self.result_layer = None
         self.partial_updates = 0
-        worker = _wsi_worker(self._request)
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_unexpected_error)
-        try:
-            worker.errored.disconnect(worker._relay_error)
-        except (AttributeError, TypeError, RuntimeError):
-            pass
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._set_running(True)
-        self.status.value = f"running {self.model.value} on the {self.scope.value} of {layer.name}..."
-        worker.start()
-        return worker
+        return self.jobs.start(wsi_job, self._request, description=f"running {self.model.value} on the {self.scope.value} of {layer.name}",
+                               on_result=self._on_result, on_done=self._on_done, on_progress=self._on_progress)
 
     def cancel(self, _value=None) -> None:
-        if self._request is not None and self._worker is not None:
-            self._request.cancel.cancel()
+        if self.jobs.running:
+            self.jobs.cancel()
             self.status.value = "cancelling (finished chunks are kept; run again to resume)..."
-
-    def _cancel_request(self, *_args) -> None:
-        if self._request is not None:
-            self._request.cancel.cancel()
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        return self.jobs.running
+
+    @property
+    def last_message(self) -> str:
+        return self.jobs.last_message
 
     # ------------------------------------------------------------------ regions
     def _fov_region(self, layer: Image) -> tuple[int, int, int, int]:
@@ -279,16 +253,11 @@ class WsiWidget(Container):
             safe += "-" + "_".join(map(str, region))
         return Path(tempfile.gettempdir()) / "medseg-wsi" / f"{safe}.zarr"
 
-    # ------------------------------------------------------------------ worker callbacks
+    # ------------------------------------------------------------------ job events (GUI thread)
     def _on_progress(self, event: Progress) -> None:
+        """Show the label pyramid once its first chunk is written, then refresh it now and then."""
         if self._request is None:
             return
-        if event.total <= 0:
-            self.progress.max = 0
-        else:
-            self.progress.max = event.total
-            self.progress.value = event.done
-        self.status.value = event.message
         if self.result_layer is None and (self._request.output / "zarr.json").is_file() and event.partial:
             self._show_result(self._request.output)
         if event.partial and self.result_layer is not None:
@@ -298,10 +267,7 @@ class WsiWidget(Container):
                 self._last_refresh = now
                 self.result_layer.refresh()
 
-    def _on_returned(self, outcome: WsiOutcome | Refused) -> None:
-        if isinstance(outcome, Refused):
-            self._report(str(outcome.error), "info" if isinstance(outcome.error, Cancelled) else "error")
-            return
+    def _on_result(self, outcome: WsiOutcome) -> None:
         self.result, self.objects = outcome.result, outcome.objects
         layer = self._show_result(outcome.result.path)
         layer.refresh()
@@ -310,16 +276,8 @@ class WsiWidget(Container):
         shown = "" if len(self.objects) <= MAX_TABLE_ROWS else f" (the table shows the first {MAX_TABLE_ROWS}; exports hold all)"
         self._report(f"{layer.name}: {r.tiles} tiles in {r.seconds:.1f} s ({r.tiles_tissue} of {r.tiles_grid} touch tissue); {len(self.objects)} objects{shown}.", "status")
 
-    def _on_unexpected_error(self, exc: Exception) -> None:
-        from napari.utils.notifications import notification_manager
-
-        self.last_message = self.status.value = f"failed: {type(exc).__name__}: {exc}"
-        notification_manager.receive_error(type(exc), exc, exc.__traceback__)
-
-    def _on_finished(self) -> None:
-        self._worker = None
+    def _on_done(self) -> None:
         self._request = None
-        self._set_running(False)
 
     # ------------------------------------------------------------------ results
     def _show_result(self, path: Path) -> Labels:
@@ -383,20 +341,8 @@ class WsiWidget(Container):
         self._report(f"{len(self.objects)} objects written to {out}", "info")
 
     # ------------------------------------------------------------------ helpers
-    def _set_running(self, running: bool) -> None:
-        self.run_button.enabled = not running
-        self.cancel_button.enabled = running
-        if not running:
-            self.progress.max = max(self.progress.max, 1)
-            self.progress.value = 0
-
     def _report(self, message: str, level: str) -> None:
-        self.last_message = message
-        self.status.value = message
-        if level == "error":
-            show_error(message)
-        elif level == "info":
-            show_info(message)
+        self.jobs.report(message, level)
 
 
 def _clip_region(box: np.ndarray, layer: Image) -> tuple[int, int, int, int]:
