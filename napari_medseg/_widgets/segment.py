@@ -19,12 +19,12 @@ import pandas  # noqa: F401
 import skimage.color.colorconv  # noqa: F401
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox
 from napari.layers import Image, Labels
-from napari.utils.colormaps import DirectLabelColormap
 
 from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Progress
 from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
 from medseg.train.packs import available_packs, read_manifest, resolve
+from napari_medseg._widgets._common import class_colormap, device_choices
 from napari_medseg._widgets._job import JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 CURRENT_FRAME = "current frame"
 ALL_FRAMES = "all frames"
-TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
 
 def layer_mpp(layer: Image) -> float | None:
@@ -97,7 +96,7 @@ class SegmentWidget(Container):
                                    tooltip="for stacks: only the frame on screen, or every frame")
         self.model = ComboBox(label="model", choices=self._pack_choices, tooltip="installed model packs (MEDSEG_MODELS and shipped packs)")
         self.model_info = Label(label="", value="")
-        self.device = ComboBox(label="device", choices=_device_choices(), value="auto")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.tile = SpinBox(label="tile size", min=16, max=8192, step=16, value=256, tooltip="pixels per tile side")
         self.overlap = FloatSpinBox(label="overlap", min=0.0, max=0.9, step=0.05, value=0.25, tooltip="fraction shared by neighbouring tiles")
         self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=4, tooltip="tiles per forward pass")
@@ -231,7 +230,7 @@ class SegmentWidget(Container):
             layer = self._viewer.add_labels(
                 labels,
                 name=self._result_name(request.pack_id, source.name),
-                colormap=_class_colormap(prediction),
+                colormap=class_colormap(prediction.classes),
                 features={"index": [c.value for c in prediction.classes], "class": [c.name for c in prediction.classes]},
                 metadata=metadata,
                 scale=source.scale,
@@ -259,22 +258,6 @@ class SegmentWidget(Container):
             if isinstance(layer, Labels) and layer.metadata.get("model") == request.pack_id and layer.metadata.get("source") == source.name:
                 return layer
         return None
-
-
-def _class_colormap(prediction: Prediction) -> DirectLabelColormap:
-    colours: dict[int | None, Any] = {None: TRANSPARENT}
-    for c in prediction.classes:
-        colours[c.value] = TRANSPARENT if c.value == 0 else c.color
-    return DirectLabelColormap(color_dict=colours)
-
-
-def _device_choices() -> list[tuple[str, str]]:
-    from medseg.engine.devices import available_devices
-
-    choices = [("auto", "auto")]
-    for label in available_devices():
-        choices.append((label, label.split(" ")[0]))
-    return choices
 
 
 __all__ = ["Refused", "SegmentRequest", "SegmentWidget", "segment_job"]

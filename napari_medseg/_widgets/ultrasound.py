@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, RadioButtons, Table
 from napari.layers import Image, Labels, Points, Shapes
-from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractScrollArea, QHeaderView, QStyledItemDelegate
 
@@ -38,6 +37,7 @@ from medseg.measure.ultrasound import (
     summary, ultrasound_job, write_csv,
 )
 from medseg.train.packs import available_packs, read_manifest
+from napari_medseg._widgets._common import class_colormap, device_choices
 from napari_medseg._widgets._job import JobRunner, refusing
 
 if TYPE_CHECKING:
@@ -52,7 +52,6 @@ _EDIT_EVENTS = ("paint", "labels_update", "data", "set_data")
 TABLE_COLUMNS = ["frame", "AoP (°)", "HSD (px)", "HSD (mm)", "plane", "status"]
 COLOURS = {"axis": "#ff5050", "tangent": "#ffd700", "hsd": "#00e5ff", "ellipse": "#b0b0ff"}
 POINT_COLOURS = {"V": "#ff5050", "E": "#ff9090", "T": "#ffd700", "H": "#00e5ff"}
-TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- jobs (worker thread)
@@ -117,7 +116,7 @@ class UltrasoundWidget(Container):
         self.model = ComboBox(label="model", choices=self._pack_choices, tooltip=f"model pack that segments PS and FH (default {DEFAULT_PACK})")
         self.method = ComboBox(label="method", choices=list(METHODS), value="contour",
                                tooltip="contour: the IUGC 2024 evaluator's rules; ellipse: the toolkit's ellipse-fit variant")
-        self.device = ComboBox(label="device", choices=_device_choices(), value="auto")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.run_button = PushButton(text="Segment + measure")
         self.measure_button = PushButton(text="Measure labels")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -338,10 +337,7 @@ class UltrasoundWidget(Container):
                 existing.data = labels
                 existing.metadata.update(metadata)
                 return existing
-            colours: dict[int | None, Any] = {None: TRANSPARENT}
-            for c in result.classes:
-                colours[c.value] = TRANSPARENT if c.value == 0 else c.color
-            layer = self._viewer.add_labels(labels, name=name, colormap=DirectLabelColormap(color_dict=colours), metadata=metadata,
+            layer = self._viewer.add_labels(labels, name=name, colormap=class_colormap(result.classes), metadata=metadata,
                                             scale=source.scale[-labels.ndim:], translate=source.translate[-labels.ndim:], opacity=0.5)
             return layer
         finally:
@@ -582,15 +578,6 @@ def _describe(r: FrameMeasurement) -> str:
         mm = f" ({r.hsd_mm:.1f} mm)" if r.hsd_mm is not None else ""
         return f"frame {r.frame}: AoP {r.aop_deg:.1f}°, HSD {r.hsd_px:.1f} px{mm}"
     return f"frame {r.frame}: not measurable: {r.reason}"
-
-
-def _device_choices() -> list[tuple[str, str]]:
-    from medseg.engine.devices import available_devices
-
-    choices = [("auto", "auto")]
-    for label in available_devices():
-        choices.append((label, label.split(" ")[0]))
-    return choices
 
 
 __all__ = ["UltrasoundRequest", "UltrasoundWidget", "measure_job", "segment_and_measure_job"]

@@ -27,6 +27,7 @@ from medseg.errors import MedsegError
 from medseg.measure.objects import SlideObject, slide_objects, write_csv
 from medseg.train.packs import available_packs, read_manifest, resolve
 from napari_medseg._slide_io import result_layer_data, slide_layer_data
+from napari_medseg._widgets._common import device_choices
 from napari_medseg._widgets._job import JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class WsiWidget(Container):
         self.assembly = ComboBox(label="assembly", choices=["blend", "vote"], value="blend",
                                  tooltip="blend: overlap-weighted probabilities; vote: KPIs baseline, foreground where >= 2 windows agree")
         self.min_area = FloatSpinBox(label="min area µm²", min=0.0, max=1e8, step=100.0, value=0.0, tooltip="objects smaller than this are dropped")
-        self.device = ComboBox(label="device", choices=_device_choices(), value="auto")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=8)
         self.output = FileEdit(label="output", mode="w", filter="*.zarr", tooltip="zarr folder for the labels (empty: a temporary folder); reuse it to resume")
         self.run_button = PushButton(text="Run")
@@ -352,12 +353,6 @@ def _clip_region(box: np.ndarray, layer: Image) -> tuple[int, int, int, int]:
     y1, x1 = np.ceil(box[1][-2:]).astype(int)
     y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
     return (int(x0), int(y0), int(max(x1 - x0, 1)), int(max(y1 - y0, 1)))
-
-
-def _device_choices() -> list[tuple[str, str]]:
-    from medseg.engine.devices import available_devices
-
-    return [("auto", "auto")] + [(label, label.split(" ")[0]) for label in available_devices()]
 
 
 __all__ = ["Refused", "WsiOutcome", "WsiRequest", "WsiWidget", "wsi_job"]
