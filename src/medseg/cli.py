@@ -109,9 +109,20 @@ def predict_config(args, pack):
     )
 
 
+def segment_file(predictor, path: Path, outdir: str | os.PathLike, mpp: float | None = None):
+    """Generator: segment one file and write OUTDIR/<stem>.png (.tif for stacks); returns (written path, prediction).
+
+    The one per-input body of ``medseg segment``, also run by ``medseg batch`` workers."""
+    from medseg.io import label_path, read_image, write_labels
+
+    image = read_image(path)
+    result = yield from predictor.predict_iter(image, mpp=mpp)
+    return write_labels(label_path(outdir, path, result.labels), result.labels), result
+
+
 def _run_segment(args) -> int:
     from medseg.engine import Predictor
-    from medseg.io import IMAGE_SUFFIXES, label_path, read_image, write_labels
+    from medseg.io import IMAGE_SUFFIXES
     from medseg.train.packs import resolve
 
     files = collect_inputs(args.inputs, IMAGE_SUFFIXES)
@@ -120,9 +131,7 @@ def _run_segment(args) -> int:
     failures = 0
     for f in files:
         try:
-            image = read_image(f)
-            result = drive(predictor.predict_iter(image, mpp=args.mpp), desc=f.name)
-            out = write_labels(label_path(args.output, f, result.labels), result.labels)
+            out, result = drive(segment_file(predictor, f, args.output, mpp=args.mpp), desc=f.name)
             _say(f"{f.name} -> {out} ({result.seconds:.2f} s)")
         except MedsegError as exc:
             if len(files) == 1:
@@ -256,6 +265,7 @@ _TRAIN_FLAGS = {
     "--arch-overrides": ("arch_overrides", json.loads, 'constructor arguments on top of --config, as JSON (e.g. \'{"dims": [32, 64, 128, 256]}\')'),
     "--mask-kind": ("mask_kind", str, "dataset folders: index (class values), binary or instance"),
     "--threshold": ("threshold", float, "dataset folders with binary masks: foreground is value > THRESHOLD"),
+    "--interactive": ("interactive", str, "train a click-guided variant with this click encoding (disks): image + click disks + previous mask"),
 }
 
 
@@ -422,9 +432,23 @@ def _find_mask(folder: Path, stem: str) -> Path:
     raise InputError(f"No mask for '{stem}' in '{folder}': expected {stem}.png or {stem}.tif there.")
 
 
+def biometry_file(path: Path, pack, config, method: str = "contour", spacing=None, grid: int | None = None, outdir=None):
+    """Generator: segment and measure one image, DICOM or video (and write its labels into ``outdir`` when given);
+    returns (UltrasoundResult, written labels path or None).
+
+    The one per-input body of ``medseg biometry --model``, also run by ``medseg batch`` workers."""
+    from medseg.io import label_path, read_image, stem_of, write_labels
+    from medseg.measure.ultrasound import ultrasound_job
+
+    image = read_image(path)
+    result = yield from ultrasound_job(image, pack, config, method=method, stem=stem_of(path), spacing=spacing, grid=grid)
+    written = write_labels(label_path(outdir, path, result.labels), result.labels) if outdir else None
+    return result, written
+
+
 def _run_biometry(args) -> int:
-    from medseg.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, label_path, read_image, read_labels, stem_of, write_labels
-    from medseg.measure.ultrasound import measure_frames, summary, ultrasound_job, write_csv
+    from medseg.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, read_image, read_labels, stem_of
+    from medseg.measure.ultrasound import measure_frames, summary, write_csv
 
     if args.grid is not None and args.grid < 16:
         raise UsageError(f"--grid {args.grid} is too small: use at least 16 (512 for IUGC-comparable pixels).")
@@ -465,11 +489,8 @@ def _run_biometry(args) -> int:
         config = predict_config(args, pack)
         for f in files:
             try:
-                image = read_image(f)
-                result = drive(ultrasound_job(image, pack, config, method=args.method, stem=stem_of(f), spacing=spacing, grid=args.grid), desc=f.name)
+                result, _ = drive(biometry_file(f, pack, config, args.method, spacing, args.grid, args.output), desc=f.name)
                 rows.extend(result.rows)
-                if args.output:
-                    write_labels(label_path(args.output, f, result.labels), result.labels)
                 if len(files) <= 10 or not all(r.ok for r in result.rows):
                     _say(f"{f.name}: {summary(result.rows)} ({result.seconds:.1f} s)")
             except MedsegError as exc:
@@ -530,21 +551,29 @@ def _run_wsi(args) -> int:
     _say(f"{args.slide} -> {result.path}: level {result.level} ({result.shape[1]} x {result.shape[0]} px{mpp}), "
          f"{result.tiles} tiles predicted ({result.tiles_tissue} of {result.tiles_grid} touch tissue) in {result.seconds:.1f} s")
     if args.geojson or args.csv or args.min_area_um2 is not None:
-        _wsi_objects(args, pack, result)
+        objects = wsi_objects(result, pack, args.min_area_um2, args.csv, args.geojson, args.object_type)
+        _say(f"{len(objects)} objects")
+        if args.csv:
+            _say(f"object table -> {Path(args.csv)}")
+        if args.geojson:
+            _say(f"GeoJSON -> {Path(args.geojson)}")
     return 0
 
 
-def _wsi_objects(args, pack, result) -> None:
+def wsi_objects(result, pack, min_area_um2: float | None = None, csv=None, geojson=None, object_type: str = "detection") -> list:
+    """The objects of a finished slide run, written as a CSV table and/or QuPath GeoJSON when paths are given.
+
+    The one object export of ``medseg wsi``, also run by ``medseg batch`` workers."""
     from medseg.measure.objects import min_area_for, slide_objects, write_csv
 
-    objects = slide_objects(result, min_area_um2=min_area_for(pack, args.min_area_um2))
-    _say(f"{len(objects)} objects")
-    if args.csv:
-        _say(f"object table -> {write_csv(objects, args.csv)}")
-    if args.geojson:
+    objects = slide_objects(result, min_area_um2=min_area_for(pack, min_area_um2))
+    if csv:
+        write_csv(objects, csv)
+    if geojson:
         from medseg.io.geojson import write_geojson
 
-        _say(f"GeoJSON -> {write_geojson(objects, args.geojson, result.classes, object_type=args.object_type, mpp=result.info.get('slide_mpp'))}")
+        write_geojson(objects, geojson, result.classes, object_type=object_type, mpp=result.info.get("slide_mpp"))
+    return objects
 
 
 # --------------------------------------------------------------------------- main
@@ -553,6 +582,7 @@ SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
 SUBCOMMANDS.extend([_add_train, _add_evaluate])
 SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
+SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:
