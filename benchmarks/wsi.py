@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
+from _memory import measure_growth, status_bytes  # noqa: E402
 from _results import table, write_section  # noqa: E402
 
 from medseg.engine.devices import resolve_device  # noqa: E402
@@ -113,21 +114,6 @@ def bare_forward(slide_path: Path, pack, cfg: SlideConfig) -> tuple[float, int]:
     return seconds, len(tiles)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM (Linux: writing 5 to clear_refs). ``ru_maxrss`` cannot be used here: a child
-    inherits its parent's high-water mark across fork+exec, so it would report the parent's slide."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 def memory_child(args) -> dict:
     """Fresh process: the peak resident set during a whole run, over the resident set just before it
     (model loaded, two warm-up forwards done); includes one batch's activations."""
@@ -140,15 +126,13 @@ def memory_child(args) -> dict:
     import openslide  # noqa: F401 - libraries loaded before the baseline, so only the run's data counts
     import zarr  # noqa: F401
 
-    before = _status_kib("VmRSS")
-    _reset_peak()
     t0 = time.perf_counter()
-    result = segment_slide(slide_path, pack, out, config(args, strip=args.strip))
+    growth, result = measure_growth(lambda: segment_slide(slide_path, pack, out, config(args, strip=args.strip)))
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_bytes("VmHWM")
     with open_slide(slide_path) as s:
         h, w = s.shape
-    return {"growth": peak - before, "peak": peak, "pixels": h * w, "tiles": result.tiles, "seconds": seconds}
+    return {"growth": growth, "peak": peak, "pixels": h * w, "tiles": result.tiles, "seconds": seconds}
 
 
 def main() -> None:

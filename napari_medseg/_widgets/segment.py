@@ -17,7 +17,7 @@ import numpy as np
 # importing them when the dock opens keeps about 0.7 s off the GUI thread at the end of the first run.
 import pandas  # noqa: F401
 import skimage.color.colorconv  # noqa: F401
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, SpinBox
 from napari.layers import Image, Labels
 
 from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Progress
@@ -100,6 +100,8 @@ class SegmentWidget(Container):
         self.tile = SpinBox(label="tile size", min=16, max=8192, step=16, value=256, tooltip="pixels per tile side")
         self.overlap = FloatSpinBox(label="overlap", min=0.0, max=0.9, step=0.05, value=0.25, tooltip="fraction shared by neighbouring tiles")
         self.batch_size = SpinBox(label="batch size", min=1, max=1024, value=4, tooltip="tiles per forward pass")
+        self.tta = CheckBox(label="flip averaging", value=False,
+                            tooltip="test-time augmentation: average over the flips the pack was trained with (up to 4x slower)")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
@@ -108,7 +110,7 @@ class SegmentWidget(Container):
         for label in (self.model_info, self.status):
             label.native.setWordWrap(True)  # long sentences wrap instead of widening the dock
         self.extend([self.image, self.frames, self.model, self.model_info, self.device, self.tile, self.overlap, self.batch_size,
-                     buttons, self.progress, self.status])
+                     self.tta, buttons, self.progress, self.status])
         self.jobs = JobRunner(run_buttons=[self.run_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
 
         self.image.changed.connect(self._on_image_changed)
@@ -174,7 +176,8 @@ class SegmentWidget(Container):
         frames = None
         if layer.ndim == 3 and self.frames.value == CURRENT_FRAME:
             frames = [self._current_frame(layer)]
-        config = PredictConfig(tile=self.tile.value, overlap=self.overlap.value, batch_size=self.batch_size.value, device=self.device.value)
+        config = PredictConfig(tile=self.tile.value, overlap=self.overlap.value, batch_size=self.batch_size.value, device=self.device.value,
+                               tta=self.tta.value)
         self._request = SegmentRequest(layer.name, layer.data, bool(layer.rgb), self.model.value, config, frames, layer_mpp(layer))
         self._source = layer
         what = f"frame {frames[0]} of " if frames else ""

@@ -96,6 +96,7 @@ def _add_predict_options(p) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the pack's)")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 1) (default: the pack's)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over the flips the pack was trained with (slower)")
 
 
 def predict_config(args, pack):
@@ -106,6 +107,7 @@ def predict_config(args, pack):
         overlap=args.overlap if args.overlap is not None else pack.overlap,
         batch_size=args.batch_size,
         device=args.device,
+        tta=args.tta,
     )
 
 
@@ -545,7 +547,7 @@ def _run_wsi(args) -> int:
             raise UsageError(f"--region '{args.region}' must be four numbers X,Y,W,H (level-0 pixels).")
     pack = resolve(args.model)
     cfg = SlideConfig(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, device=args.device, assembly=args.assembly,
-                      mpp=args.mpp, level=args.level, tissue=args.tissue, region=region, overwrite=args.overwrite)
+                      mpp=args.mpp, level=args.level, tissue=args.tissue, region=region, overwrite=args.overwrite, tta=args.tta)
     result = drive(segment_slide_iter(args.slide, pack, args.output, cfg), desc=Path(args.slide).name)
     mpp = f", {result.mpp:.3f} µm/px" if result.mpp else ""
     _say(f"{args.slide} -> {result.path}: level {result.level} ({result.shape[1]} x {result.shape[0]} px{mpp}), "

@@ -95,6 +95,16 @@ def test_run_adds_labels_layer_named_after_the_model(viewer_and_widget, qtbot):
     np.testing.assert_allclose(result.translate, layer.translate)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     assert TEST_PACK in widget.status.value
+    assert result.metadata["config"]["tta"] is False
+
+
+def test_flip_averaging_reaches_the_predictor(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    layer = viewer.add_image(smooth_image((64, 64)), name="scan")
+    choose(widget, layer)
+    widget.tta.value = True
+    run_and_wait(qtbot, widget)
+    assert viewer.layers[TEST_PACK].metadata["config"]["tta"] is True
 
 
 def test_stack_current_frame_then_all_frames(viewer_and_widget, qtbot):

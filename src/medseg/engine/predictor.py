@@ -38,6 +38,7 @@ class PredictConfig:
     probabilities: bool = False
     probability_dtype: str = "float16"
     threshold: float = 0.5  # for single-output (sigmoid) packs
+    tta: bool = False  # average the scores over the mirror images the pack was trained with (see tta_flips)
 
     def validate(self) -> None:
         if self.tile < 16:
@@ -148,6 +149,7 @@ class Predictor:
         self.pack = pack
         self.config = config or PredictConfig(tile=pack.tile, overlap=pack.overlap)
         self.config.validate()
+        self._flips = tta_flips(pack) if self.config.tta else ()
         self.device = resolve_device(self.config.device)
         self.model = pack.model.to(self.device).eval()
         if self.device.type == "cuda":
@@ -250,7 +252,7 @@ class Predictor:
         return _Frame(index, frame, self.pack.normaliser.frame_stats(frame), tile_starts(h, th, stride(th)), tile_starts(w, tw, stride(tw)), th, tw)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return forward_scores(self.model, batch, self.device, self.pack.activation)
+        return forward_scores(self.model, batch, self.device, self.pack.activation, self._flips)
 
     def _write(self, blended: torch.Tensor, start: int, labels: np.ndarray, probs: np.ndarray | None) -> None:
         n = blended.shape[1]
@@ -264,22 +266,54 @@ class Predictor:
         labels[start : start + n] = self._lut[idx].cpu().numpy().astype(labels.dtype, copy=False)
 
 
+def tta_flips(pack) -> tuple[tuple[int, ...], ...]:
+    """The mirror images of test-time augmentation for ``pack``: only the flips its training used.
+
+    A pack trained without left-right flips (ultrasound: the frames have a fixed orientation) has
+    never seen a mirrored image, so averaging over one would mix in an input it cannot read; such a
+    pack gets no flips and ``tta`` changes nothing for it.
+    """
+    aug = (pack.manifest.get("training") or {}).get("augmentation") or {}
+    dims: list[int] = []
+    if aug.get("vflip") or aug.get("rot90"):
+        dims.append(-2)
+    if aug.get("hflip") or aug.get("rot90"):
+        dims.append(-1)
+    if len(dims) == 2:
+        return ((-1,), (-2,), (-2, -1))
+    return tuple((d,) for d in dims)
+
+
 @torch.inference_mode()
-def forward_scores(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, activation: str) -> torch.Tensor:
+def forward_scores(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, activation: str,
+                   flips: tuple[tuple[int, ...], ...] = ()) -> torch.Tensor:
     """One batch (N, C, H, W) through the model on ``device``: float32 class scores after the pack's activation.
 
+    With ``flips`` (test-time augmentation, see :func:`tta_flips`) the scores are the mean over the
+    batch as given and each mirror image of it, each flipped back.
     Shared by the Predictor and the whole-slide engine so both see identical tile outputs.
     """
     x = batch.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
+    out = _activate(_logits(model, x, device), activation)
+    for dims in flips:
+        out += _activate(_logits(model, torch.flip(x, dims), device), activation).flip(dims)
+    if flips:
+        out /= len(flips) + 1
+    return out
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     with autocast(device):
-        out = model(x)
-    out = out.float()
+        return model(x).float()
+
+
+def _activate(out: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "softmax":
-        out = torch.softmax(out, dim=1)
-    elif activation == "sigmoid":
-        out = torch.sigmoid(out)
+        return torch.softmax(out, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(out)
     return out
 
 
@@ -318,4 +352,4 @@ def predict(pack: Pack, image: np.ndarray | ImageData, config: PredictConfig | N
     return Predictor(pack, config).predict(image, **kwargs)
 
 
-__all__ = ["PredictConfig", "Prediction", "Predictor", "blend_weights", "class_indices", "forward_scores", "predict", "tile_starts"]
+__all__ = ["PredictConfig", "Prediction", "Predictor", "blend_weights", "class_indices", "forward_scores", "predict", "tile_starts", "tta_flips"]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from medseg.engine.devices import resolve_device
-from medseg.engine.predictor import _BandBlender, blend_weights, class_indices, forward_scores, tile_starts
+from medseg.engine.predictor import _BandBlender, blend_weights, class_indices, forward_scores, tile_starts, tta_flips
 from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run_sync
 from medseg.engine.tissue import TissueMask, detect_tissue
 from medseg.errors import Cancelled, InputError, UsageError
@@ -70,6 +70,7 @@ class SlideConfig:
     sigma_scale: float = 0.125
     threshold: float = 0.5  # single-output (sigmoid) packs
     min_votes: int = 2  # vote assembly: foreground where at least this many windows say so
+    tta: bool = False  # average over the flips the pack was trained with (engine.predictor.tta_flips)
     level: int | None = None  # pyramid level (default: closest to the pack's µm/px)
     mpp: float | None = None  # level-0 µm/px, overriding the slide's
     tissue: bool = True  # predict only tiles that touch tissue
@@ -236,6 +237,7 @@ def _run_key(slide: Slide, pack: Pack, cfg: SlideConfig, plan: _Plan) -> dict[st
         "sigma_scale": cfg.sigma_scale,
         "threshold": cfg.threshold,
         "min_votes": cfg.min_votes,
+        "tta": cfg.tta,
         "tissue": cfg.tissue,
         "chunk": cfg.chunk,
     }
@@ -344,6 +346,7 @@ def _run(slide: Slide, pack: Pack, out: Path, cfg: SlideConfig, cancel: CancelTo
     c = cfg.chunk
     done = np.asarray(root["done"][...]).astype(bool)
     sy, sx = plan.scale
+    flips = tta_flips(pack) if cfg.tta else ()
 
     def has_tissue(y: int, x: int) -> bool:
         return tissue is None or tissue.touches(y * sy, x * sx, (y + plan.th) * sy, (x + plan.tw) * sx)
@@ -402,7 +405,7 @@ def _run(slide: Slide, pack: Pack, out: Path, cfg: SlideConfig, cancel: CancelTo
                     while not pending:
                         check_cancel(cancel)
                         specs, batch = reader.next()
-                        scores = forward_scores(model, batch, device, pack.activation)
+                        scores = forward_scores(model, batch, device, pack.activation, flips)
                         pending.extend(zip(specs, scores))
                         predicted += len(specs)
                         yield Progress(predicted, total, f"{predicted}/{total} tiles", writer.take_written())
