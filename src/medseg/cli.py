@@ -585,6 +585,7 @@ SUBCOMMANDS.extend([_add_train, _add_evaluate])
 SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
 SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
+SUBCOMMANDS.append(lambda sub: __import__("medseg.interactive.command", fromlist=["add_parser"]).add_parser(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,7 @@ class TrainConfig:
     threads: int | None = None
     final_eval: bool = True
     final_eval_limit: int | None = None  # evaluate the pack on this many validation cases (default all)
+    interactive: str | None = None  # train a click-guided variant with this click encoding ("disks"): medseg.train.interactive
     command: str = ""
 
     @classmethod
@@ -265,14 +266,29 @@ class _Trainer:
     def build(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic, self.device)
-        self.model = models.build(cfg.arch, in_channels=self.recipe.in_channels, num_classes=self.recipe.num_classes, config=cfg.config, **(cfg.arch_overrides or {})).to(self.device)
+        self.model = self.new_model().to(self.device)
         if cfg.init_from:
-            self.init_info = init_from_pack(self.model, cfg.init_from)
+            self.init_info = self.init_weights(self.model, cfg.init_from)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         if self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported():
             self.scaler = torch.amp.GradScaler("cuda")
+
+    def new_model(self) -> nn.Module:
+        """The network being trained, freshly initialised."""
+        cfg, r = self.cfg, self.recipe
+        return models.build(cfg.arch, in_channels=r.in_channels, num_classes=r.num_classes, config=cfg.config, **(cfg.arch_overrides or {}))
+
+    def init_weights(self, model: nn.Module, name: str) -> dict[str, Any]:
+        return init_from_pack(model, name)
+
+    def final_report(self, pack: Pack) -> Job[dict[str, Any] | None]:
+        """The full evaluation of the finished pack on the validation split (written next to the run)."""
+        job = evaluate_iter(pack, self.recipe, evenly(self.val_cases, self.cfg.final_eval_limit), self.predict_config(), EvalOptions(), split="val")
+        report = yield from _relay(job, "final validation")
+        write_report(report, self.run_dir, "val_report")
+        return report
 
     def make_scheduler(self, total: int) -> None:
         self.total = int(total)
@@ -484,16 +500,14 @@ class _Trainer:
     def finish(self) -> Job[TrainResult]:
         cfg, r = self.cfg, self.recipe
         best = self.best_state if self.best_state is not None else _state_copy(self.model)
-        model = models.build(cfg.arch, in_channels=r.in_channels, num_classes=r.num_classes, config=cfg.config, **(cfg.arch_overrides or {}))
+        model = self.new_model()
         model.load_state_dict(_fp16_round(best))
         model.eval()
         pack_id = cfg.pack_id or f"{Path(cfg.dataset).name}-{cfg.arch}-{cfg.config}"
         pack = self.live_pack(model.to(self.device), pack_id)
         report = None
         if cfg.final_eval:
-            job = evaluate_iter(pack, r, evenly(self.val_cases, cfg.final_eval_limit), self.predict_config(), EvalOptions(), split="val")
-            report = yield from _relay(job, "final validation")
-            write_report(report, self.run_dir, "val_report")
+            report = yield from self.final_report(pack)
         model.to("cpu")
         train_s = max(self.train_seconds, 1e-9)
         images = self.step * self.batch_size
@@ -588,8 +602,14 @@ def train_iter(config: TrainConfig, cancel: CancelToken | None = None) -> Job[Tr
     Deterministic algorithms are switched on for the run (CPU) and back to what they were after it.
     """
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if config.interactive:
+        from medseg.train.interactive import InteractiveTrainer
+
+        trainer: _Trainer = InteractiveTrainer(config)
+    else:
+        trainer = _Trainer(config)
     try:
-        return (yield from _Trainer(config).run(cancel))
+        return (yield from trainer.run(cancel))
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 

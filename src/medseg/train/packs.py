@@ -166,6 +166,13 @@ def load_pack(name: str | os.PathLike, device: str | torch.device = "cpu") -> Pa
     activation = manifest.get("activation", "softmax")
     n_out = 1 if activation == "sigmoid" else len(classes)
     model = models.build(arch, in_channels=in_channels, num_classes=n_out, config=config, **manifest.get("overrides", {}))
+    if manifest.get("interactive"):
+        from medseg.models.guided import GuidedNet
+
+        guidance = len(manifest.get("click_encoding", {}).get("channels", ()))
+        if not guidance:
+            raise ModelError(f"Pack '{folder.name}' is marked interactive but its manifest names no click channels: re-export the pack.")
+        model = GuidedNet(model, guidance)
     state = load_file(str(weights))
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)

@@ -1,0 +1,373 @@
+"""One object, clicked on one 2-D image: the click session and its two engines.
+
+- With an **interactive pack** (manifest ``"interactive": true``), every click runs the click-guided
+  network on a window around the object (image + positive/negative click disks + previous mask, at
+  the pack's pixel size) and the new mask replaces the old one inside that window.
+- With an **automatic pack** (the fallback), a positive click runs the pack on a window around the
+  click with the same :class:`~medseg.engine.Predictor` users run, and adds the connected object under
+  the click (of the class under the click); a negative click removes the connected region of the
+  current object it lands in; a drag box runs the pack on that rectangle only and keeps its largest
+  object. Window predictions are cached, so further clicks in the same window cost no network run.
+
+Either way the object is recomputed from the image and the clicks in order (:func:`segment_clicks`),
+which is what the ``medseg click`` command does; the session keeps every step so undo is instant.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medseg.engine.devices import resolve_device
+from medseg.engine.predictor import PredictConfig, Predictor, forward_scores
+from medseg.errors import InputError, UsageError
+from medseg.interactive.clicks import DISKS, Box, Click, check_clicks, check_image, component_at, encode
+from medseg.io.images import ImageData, describe_array
+from medseg.normalise import adapt_channels
+from medseg.resample import resample_image, resample_labels, scale_factor, target_shape
+from medseg.train.packs import Pack
+
+WINDOW = 512  # side of the fallback's window around a click, in the pack's pixels
+MARGIN = 0.4  # the interactive window covers the object's box plus this share on every side
+_EIGHT = np.ones((3, 3), bool)
+
+
+@dataclass
+class Step:
+    """The object after one click (or box): its mask and what happened."""
+
+    mask: np.ndarray  # bool (H, W)
+    click: Click | Box | None
+    note: str = ""
+    seconds: float = 0.0
+    ran_network: bool = False
+
+
+@dataclass
+class Window:
+    """A rectangle of the image, ``[y0, y1) x [x0, x1)``, and the zoom to the pack's pixel size."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    factor: float = 1.0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    def touches_inner_edge(self, mask: np.ndarray, image_shape: tuple[int, int]) -> bool:
+        """Whether ``mask`` (window-sized) reaches a window edge that is not the image's edge."""
+        h, w = image_shape
+        return bool(
+            (self.y0 > 0 and mask[0].any()) or (self.y1 < h and mask[-1].any()) or (self.x0 > 0 and mask[:, 0].any()) or (self.x1 < w and mask[:, -1].any())
+        )
+
+
+def window_around(cy: float, cx: float, side_h: int, side_w: int, shape: tuple[int, int], factor: float) -> Window:
+    """A window of about ``side`` image pixels centred on ``(cy, cx)``, shifted to lie inside the image."""
+    h, w = shape
+    side_h, side_w = min(max(1, side_h), h), min(max(1, side_w), w)
+    y0 = int(round(min(max(cy - side_h / 2, 0), h - side_h)))
+    x0 = int(round(min(max(cx - side_w / 2, 0), w - side_w)))
+    return Window(y0, y0 + side_h, x0, x0 + side_w, factor)
+
+
+def _prepare(image: np.ndarray | ImageData, rgb: bool | None) -> ImageData:
+    data = image if isinstance(image, ImageData) else describe_array(np.asarray(image), rgb=rgb)
+    if data.is_stack:
+        raise InputError(f"'{data.name}' is a stack of frames: clicks work on one 2-D image; choose a frame first.")
+    check_image(data.array, f"'{data.name}'")
+    return data
+
+
+# --------------------------------------------------------------------------- engines
+class FallbackEngine:
+    """Clicks with an automatic pack: the connected object under the click."""
+
+    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu") -> None:
+        self.pack, self.data = pack, data
+        self.image_mpp = mpp if mpp is not None else data.metadata.get("mpp")
+        self.factor = scale_factor(self.image_mpp, pack.mpp)  # pack pixels per image pixel
+        self.device = device
+        self._cache: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.array.shape[:2]
+
+    def predict(self, win: Window) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(labels as class indices, probabilities (C, h, w), whether the network ran) of the pack on ``win``."""
+        key = (win.y0, win.y1, win.x0, win.x1)
+        if key in self._cache:
+            return (*self._cache[key], False)
+        crop = self.data.array[win.slices]
+        if crop.min() == crop.max():
+            labels, probs = np.zeros(crop.shape[:2], np.int64), np.zeros((len(self.pack.classes),) + crop.shape[:2], np.float32)
+            probs[0] = 1.0
+        else:
+            side = max(target_shape(crop.shape, self.factor))
+            cfg = PredictConfig(tile=max(16, side), overlap=0.0, batch_size=1, probabilities=True, probability_dtype="float32", device=self.device)
+            pred = Predictor(self.pack, cfg).predict(crop, rgb=self.data.rgb, mpp=self.image_mpp)
+            probs = pred.probabilities
+            labels = probs.argmax(axis=0)
+        self._cache[key] = (labels, probs)
+        return labels, probs, True
+
+    def _window_for(self, cy: float, cx: float, side_image: tuple[int, int]) -> Window:
+        return window_around(cy, cx, side_image[0], side_image[1], self.shape, self.factor)
+
+    def object_at(self, click: Click) -> tuple[np.ndarray, str, bool]:
+        """Full-size mask of the connected object under a positive click (empty with a note if none)."""
+        side = int(round(WINDOW / self.factor))
+        win = self._window_for(click.y, click.x, (side, side))
+        ran = False
+        for _ in range(3):
+            labels, probs, did = self.predict(win)
+            ran |= did
+            r, c = click.row - win.y0, click.col - win.x0
+            cls = int(labels[r, c])
+            if cls == 0:
+                if probs.shape[0] < 2:
+                    return np.zeros(self.shape, bool), "the model sees no object under the click", ran
+                cls = int(np.argmax(probs[1:, r, c])) + 1
+                p = float(probs[cls, r, c])
+                if p < 0.05:
+                    name = self.pack.classes[cls].name if cls < len(self.pack.classes) else "object"
+                    return np.zeros(self.shape, bool), f"the model sees no object under the click (at most {p:.2f} {name}); try a drag box or more positive clicks", ran
+                region = probs[cls] >= p / 2
+            else:
+                region = labels == cls
+            obj = component_at(region, r, c)
+            grow = win.touches_inner_edge(obj, self.shape) and win.shape != self.shape
+            if not grow:
+                break
+            rows, cols = np.nonzero(obj)
+            cy, cx = win.y0 + (rows.min() + rows.max()) / 2, win.x0 + (cols.min() + cols.max()) / 2
+            win = self._window_for(cy, cx, (2 * win.shape[0], 2 * win.shape[1]))
+        out = np.zeros(self.shape, bool)
+        out[win.slices] = obj
+        return out, f"{self.pack.classes[cls].name}", ran
+
+    def step(self, mask: np.ndarray, clicks: Sequence[Click]) -> Step:
+        click = clicks[-1]
+        if click.positive:
+            obj, note, ran = self.object_at(click)
+            return Step(mask | obj, click, note, ran_network=ran)
+        if not mask[click.row, click.col]:
+            return Step(mask.copy(), click, "the negative click is outside the current object: nothing to remove")
+        return Step(mask & ~component_at(mask, click.row, click.col), click, "removed the region under the negative click")
+
+    def box(self, box: Box) -> Step:
+        win = Window(box.y0, box.y1, box.x0, box.x1, self.factor)
+        labels, _, ran = self.predict(win)
+        fg = labels[labels > 0]
+        out = np.zeros(self.shape, bool)
+        if fg.size == 0:
+            return Step(out, box, "the model finds no object in the box; draw a larger box or click on the object", ran_network=ran)
+        cls = int(np.bincount(fg).argmax())
+        comp, n = ndimage.label(labels == cls, structure=_EIGHT)
+        largest = int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
+        out[win.slices] = comp == largest
+        return Step(out, box, f"{self.pack.classes[cls].name} in the box", ran_network=ran)
+
+
+class GuidedEngine:
+    """Clicks with an interactive pack: the click-guided network on a window around the object."""
+
+    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu") -> None:
+        if not pack.interactive:
+            raise UsageError(f"Pack '{pack.id}' is not interactive: use the fallback for automatic packs.")
+        self.pack, self.data = pack, data
+        self.encoding = pack.manifest.get("click_encoding", DISKS)
+        if self.encoding.get("kind") != "disks":
+            raise UsageError(f"Pack '{pack.id}' uses click encoding '{self.encoding.get('kind')}', which this version cannot build: update napari-medseg.")
+        self.radius = float(self.encoding.get("radius", DISKS["radius"]))
+        self.image_mpp = mpp if mpp is not None else data.metadata.get("mpp")
+        self.factor = scale_factor(self.image_mpp, pack.mpp)
+        self.device = resolve_device(device)
+        self.model = pack.model.to(self.device).eval()
+        self.channels = adapt_channels(data.array, data.rgb, pack.in_channels, f"'{data.name}'")
+        self.stats = pack.normaliser.frame_stats(self.channels)
+        self.box_limit: Box | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.array.shape[:2]
+
+    def window(self, mask: np.ndarray, clicks: Sequence[Click]) -> Window:
+        """A window over the object (its mask and clicks) with a margin, at least one training crop wide."""
+        rows = [c.row for c in clicks if c.positive] or [c.row for c in clicks]
+        cols = [c.col for c in clicks if c.positive] or [c.col for c in clicks]
+        if mask.any():
+            r, c = np.nonzero(mask)
+            rows += [int(r.min()), int(r.max())]
+            cols += [int(c.min()), int(c.max())]
+        if self.box_limit is not None:
+            b = self.box_limit
+            rows += [b.y0, b.y1 - 1]
+            cols += [b.x0, b.x1 - 1]
+        least = int(round(self.pack.tile / self.factor))
+        span_h, span_w = max(rows) - min(rows) + 1, max(cols) - min(cols) + 1
+        side_h = max(least, int(round(span_h * (1 + 2 * MARGIN))))
+        side_w = max(least, int(round(span_w * (1 + 2 * MARGIN))))
+        return window_around((min(rows) + max(rows)) / 2, (min(cols) + max(cols)) / 2, side_h, side_w, self.shape, self.factor)
+
+    def probability(self, win: Window, clicks: Sequence[Click], previous: np.ndarray) -> np.ndarray:
+        """Object probability on the window (window grid) given the clicks and the previous mask."""
+        crop = self.channels[win.slices]
+        shape = target_shape(crop.shape, self.factor)
+        if self.factor != 1.0:
+            crop = resample_image(crop, shape)
+        prev = resample_labels(previous[win.slices].astype(np.uint8), shape)
+        guide = encode([c.scaled(self.factor, win.x0, win.y0) for c in clicks], prev, shape, self.radius)
+        x = np.concatenate([self.pack.normaliser.apply(crop, self.stats), guide])[None]
+        scores = forward_scores(self.model, torch.from_numpy(x), self.device, self.pack.activation)[0]
+        prob = scores[0] if self.pack.activation == "sigmoid" else scores[1]
+        prob = prob.cpu().numpy()
+        return resample_image(prob, win.shape) if self.factor != 1.0 else prob
+
+    def step(self, mask: np.ndarray, clicks: Sequence[Click]) -> Step:
+        win = self.window(mask, clicks)
+        pred = self.probability(win, clicks, mask) > 0.5
+        pred = self._keep_clicked(pred, [c for c in clicks if win.y0 <= c.row < win.y1 and win.x0 <= c.col < win.x1], win)
+        out = mask.copy()
+        out[win.slices] = pred
+        if self.box_limit is not None:
+            out &= _box_mask(self.box_limit, self.shape)
+        return Step(out, clicks[-1], "", ran_network=True)
+
+    @staticmethod
+    def _keep_clicked(pred: np.ndarray, clicks: Sequence[Click], win: Window) -> np.ndarray:
+        """Only the connected parts holding a positive click (one object, no other); none lose a click's pixel."""
+        labels, n = ndimage.label(pred, structure=_EIGHT)
+        keep = {int(labels[c.row - win.y0, c.col - win.x0]) for c in clicks if c.positive} - {0}
+        if not keep:
+            return np.zeros_like(pred) if n == 0 else labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        out = np.isin(labels, sorted(keep))
+        for c in clicks:
+            out[c.row - win.y0, c.col - win.x0] = c.positive
+        return out
+
+    def box(self, box: Box) -> Step:
+        self.box_limit = box
+        centre = Click((box.x0 + box.x1 - 1) / 2, (box.y0 + box.y1 - 1) / 2, True)
+        step = self.step(np.zeros(self.shape, bool), [centre])
+        step.click = box
+        return step
+
+
+def _box_mask(box: Box, shape: tuple[int, int]) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[box.y0 : box.y1, box.x0 : box.x1] = True
+    return m
+
+
+# --------------------------------------------------------------------------- the session
+@dataclass
+class ClickSession:
+    """Clicks on one object of one 2-D image; ``mask`` is the current object (bool, image H x W).
+
+    ``add`` applies a click, ``set_box`` starts the object from a drag box, ``undo`` takes back the
+    last click (or the box), ``reset`` starts the next object. Clicks outside the image and empty
+    images are refused with one sentence.
+    """
+
+    image: np.ndarray | ImageData
+    pack: Pack
+    mpp: float | None = None
+    rgb: bool | None = None
+    device: str = "cpu"
+    steps: list[Step] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.data = _prepare(self.image, self.rgb)
+        engine = GuidedEngine if self.pack.interactive else FallbackEngine
+        self.engine: GuidedEngine | FallbackEngine = engine(self.pack, self.data, self.mpp, self.device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.array.shape[:2]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.steps[-1].mask if self.steps else np.zeros(self.shape, bool)
+
+    @property
+    def clicks(self) -> list[Click]:
+        return [s.click for s in self.steps if isinstance(s.click, Click)]
+
+    @property
+    def box(self) -> Box | None:
+        return next((s.click for s in self.steps if isinstance(s.click, Box)), None)
+
+    @property
+    def interactive(self) -> bool:
+        return isinstance(self.engine, GuidedEngine)
+
+    def add(self, click: Click) -> Step:
+        check_clicks([click], self.shape)
+        t = time.perf_counter()
+        step = self.engine.step(self.mask, self.clicks + [click])
+        step.seconds = time.perf_counter() - t
+        self.steps.append(step)
+        return step
+
+    def set_box(self, box: Box) -> Step:
+        h, w = self.shape
+        box = Box(max(0, box.x0), max(0, box.y0), min(w, box.x1), min(h, box.y1))
+        if box.x1 - box.x0 < 2 or box.y1 - box.y0 < 2:
+            raise InputError("The box is outside the image or thinner than 2 pixels: drag a box around the object on the image.")
+        self.reset()
+        t = time.perf_counter()
+        step = self.engine.box(box)
+        step.seconds = time.perf_counter() - t
+        self.steps.append(step)
+        return step
+
+    def undo(self) -> bool:
+        """Take back the last click or box; False when there is nothing to take back."""
+        if not self.steps:
+            return False
+        last = self.steps.pop()
+        if isinstance(last.click, Box) and isinstance(self.engine, GuidedEngine):
+            self.engine.box_limit = None
+        return True
+
+    def reset(self) -> None:
+        """Forget the clicks and the box (the cached window predictions stay: same image)."""
+        self.steps.clear()
+        if isinstance(self.engine, GuidedEngine):
+            self.engine.box_limit = None
+
+
+def segment_clicks(
+    image: np.ndarray | ImageData,
+    pack: Pack,
+    clicks: Sequence[Click],
+    box: Box | None = None,
+    mpp: float | None = None,
+    rgb: bool | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """The object from an image and all its clicks in order (and an optional box first): uint8 0/1, H x W."""
+    session = ClickSession(image, pack, mpp=mpp, rgb=rgb, device=device)
+    check_clicks(clicks, session.shape)
+    if box is not None:
+        session.set_box(box)
+    for click in clicks:
+        session.add(click)
+    return session.mask.astype(np.uint8)
+
+
+__all__ = ["ClickSession", "FallbackEngine", "GuidedEngine", "MARGIN", "Step", "WINDOW", "Window", "segment_clicks", "window_around"]
