@@ -584,6 +584,7 @@ SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
 SUBCOMMANDS.extend([_add_train, _add_evaluate])
 SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
+SUBCOMMANDS.extend([lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_correct_parser(sub), lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_finetune_parser(sub)])
 SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.interactive.command", fromlist=["add_parser"]).add_parser(sub))
 

@@ -39,7 +39,7 @@ from medseg.errors import Cancelled, UsageError
 from medseg.io.atomic import atomic_path
 from medseg.normalise import Normaliser
 from medseg.train.augment import NONE
-from medseg.train.datasets import SegmentationDataset, TrainSamples, evenly
+from medseg.train.datasets import SegmentationDataset, TrainSamples, evenly, folder_cases
 from medseg.train.evaluate import EvalOptions, evaluate_iter, headline, mean_dice, write_report
 from medseg.train.losses import DiceCELoss
 from medseg.train.packs import Pack, load_pack, save_pack
@@ -83,6 +83,8 @@ class TrainConfig:
     ckpt_every: int | None = None  # steps (default: at each validation)
     val_limit: int | None = 48  # validation cases used during training (all for the final report)
     train_limit: int | None = None  # use only this many training cases (tests, quick trials)
+    train_folder: str | None = None  # train on this folder's images/ + masks/ (class indices) instead of the recipe's training split; validation stays the recipe's
+    freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     workdir: str = "work"
     run: str | None = None
     resume: bool = False
@@ -241,7 +243,8 @@ class _Trainer:
         self.workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.run_dir = cfg.run_dir
         self.ckpt_path = self.run_dir / CHECKPOINT
-        self.train_cases = evenly(self.recipe.cases("train", cfg.data_root), cfg.train_limit)
+        train_cases = folder_cases(cfg.train_folder) if cfg.train_folder else self.recipe.cases("train", cfg.data_root)
+        self.train_cases = evenly(train_cases, cfg.train_limit)
         self.val_cases = self.recipe.cases("val", cfg.data_root)
         if not self.val_cases:
             raise UsageError(f"Dataset '{self.recipe.name}' has no validation cases: best-on-validation selection needs a 'val' split.")
@@ -349,6 +352,10 @@ class _Trainer:
     # ---------------------------------------------------------------- steps
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any, scheduler=None) -> float:
         model.train()
+        if self.cfg.freeze_norm:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         x = torch.as_tensor(x).to(self.device, non_blocking=True)
         y = torch.as_tensor(y).to(self.device, non_blocking=True)
         if self.device.type == "cuda":

@@ -1,0 +1,37 @@
+"""`medseg correct --export` and the refusals of `medseg correct` / `medseg finetune`."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import tifffile
+
+from medseg.cli import main
+from tests.annotate._shapes import scene
+
+
+def test_correct_export_without_viewer(tmp_path, capsys):
+    image = tmp_path / "img.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "m.tif", scene())
+    assert main(["correct", str(image), "--mask", str(tmp_path / "m.tif"), "--export", str(tmp_path / "out"), "--formats", "tif,zarr,summary"]) == 0
+    assert "started" in capsys.readouterr().err
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "corrected.tif"), scene())
+    assert json.loads((tmp_path / "out" / "corrected_summary.json").read_text())["unreviewed"] == 4
+    import zarr
+
+    assert np.array_equal(zarr.open_array(str(tmp_path / "out" / "corrected.zarr"))[...], scene())
+    assert main(["correct", str(image), "--export", str(tmp_path / "out"), "--formats", "csv"]) == 0
+    assert "reopened" in capsys.readouterr().err
+
+
+def test_refusals(tmp_path, capsys):
+    assert main(["correct", str(tmp_path / "none.png"), "--mask", "m.tif"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["correct", "a.png", "--mask", "m.tif", "--pack", "p"]) == 2
+    assert main(["finetune", "--pack", "kidney-glomeruli", "--session", str(tmp_path)]) == 2
+    assert "--steps or --minutes" in capsys.readouterr().err
+    assert main(["finetune", "--pack", "kidney-glomeruli", "--session", str(tmp_path), "--steps", "1"]) == 1
+    assert "not a correction session" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""The Correct dock in a real napari viewer: review driven by key presses (next, accept, reject, merge,
+split, fill, undo, redo), a napari brush stroke recorded as a diff, the right status counts, a reopened
+session, and the exports. Needs a display (Xvfb): `make test` provides one."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from medseg.annotate.session import CorrectionSession
+from tests.annotate._shapes import scene
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+                       reason="needs a display: run under Xvfb, e.g. xvfb-run -a pytest tests/gui"),
+]
+PLUGIN = "napari-medseg"
+
+
+@pytest.fixture
+def session_folder(tmp_path):
+    import imageio.v3 as iio
+
+    image = tmp_path / "tile.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    info = {"image": str(image), "region": None, "mpp": None, "source": {"kind": "mask"}}
+    CorrectionSession.create(tmp_path / "tile.correct", scene(), {1: 0.55, 2: 0.8, 3: 0.3, 4: 0.95}, info).close()
+    return tmp_path / "tile.correct"
+
+
+def press(qtbot, viewer, key, modifier=None):
+    from qtpy.QtCore import Qt
+
+    qtbot.keyClick(viewer.window._qt_viewer, key, modifier or Qt.KeyboardModifier.NoModifier)
+
+
+def counts(widget):
+    c = widget.session.counts()
+    return c["unreviewed"], c["accepted"], c["edited"], c["rejected"], c["added"]
+
+
+def test_review_with_keys(make_napari_viewer, qtbot, session_folder):
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    assert widget.open_folder(session_folder) is not None
+    assert [layer.name for layer in viewer.layers] == ["tile", "model (original)", "corrected", "cuts"]
+    layer = viewer.layers["corrected"]
+    assert layer.data is widget.session.labels  # napari's tools edit the working copy itself
+
+    press(qtbot, viewer, Qt.Key.Key_N)  # least sure first: object 3 (0.3)
+    assert widget.session.current == 3
+    assert np.allclose(viewer.camera.center[-2:], (16.0, 127.0))
+    press(qtbot, viewer, Qt.Key.Key_R)  # reject 3
+    press(qtbot, viewer, Qt.Key.Key_N)  # -> 1 (0.55)
+    assert widget.session.current == 1
+    press(qtbot, viewer, Qt.Key.Key_S)  # split the touching pair by watershed
+    assert counts(widget) == (2, 0, 1, 1, 1)
+    press(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # undo the split
+    assert counts(widget) == (3, 0, 0, 1, 0) and not (layer.data == 5).any()
+    press(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)  # redo
+    assert counts(widget) == (2, 0, 1, 1, 1)
+    press(qtbot, viewer, Qt.Key.Key_N)  # -> the split-off part (same confidence, higher id)
+    press(qtbot, viewer, Qt.Key.Key_N)  # -> 2 (0.8)
+    assert widget.session.current == 2
+    press(qtbot, viewer, Qt.Key.Key_H)  # fill its hole
+    assert (layer.data[85, 40] == 2)
+    press(qtbot, viewer, Qt.Key.Key_N)  # -> 4 (0.95)
+    press(qtbot, viewer, Qt.Key.Key_A)  # accept 4
+    assert counts(widget) == (0, 1, 2, 1, 1)
+    widget.merge_with.value = 2
+    press(qtbot, viewer, Qt.Key.Key_G)  # merge 2 into 4
+    assert widget.session.objects[2].merged_into == 4 and not (layer.data == 2).any()
+    assert "0 unreviewed" in widget.counts.value and "1 rejected" in widget.counts.value
+
+    # a napari brush stroke on the working copy is recorded as an undoable diff
+    layer.selected_label = 9
+    layer.paint((110, 10), 9)
+    assert widget.session.objects[9].status == "added" and widget.session.can_undo
+    assert "1 added" not in widget.counts.value  # now two added objects
+    snapshot = widget.session.labels.copy()
+    statuses = {i: o.status for i, o in widget.session.objects.items()}
+    written = widget.export()
+    assert set(written) == {"tif", "geojson", "csv", "summary"} and all(p.exists() for p in written.values())
+
+    # reopening the folder gives the same working copy and statuses
+    widget.open_folder(session_folder)
+    assert np.array_equal(widget.session.labels, snapshot)
+    assert {i: o.status for i, o in widget.session.objects.items()} == statuses
+    press(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)  # the brush stroke, undone after reopening
+    assert 9 not in widget.session.objects
+
+
+def test_split_along_a_drawn_line_and_refusals(make_napari_viewer, qtbot, session_folder):
+    from qtpy.QtCore import Qt
+
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    widget.open_folder(session_folder)
+    press(qtbot, viewer, Qt.Key.Key_S)  # nothing selected yet: one sentence, no crash
+    assert "No object is selected" in widget.jobs.last_message
+    press(qtbot, viewer, Qt.Key.Key_N)
+    press(qtbot, viewer, Qt.Key.Key_N)  # object 1
+    viewer.layers["cuts"].add_lines(np.array([[0.0, 49.0], [70.0, 49.0]]))
+    viewer.layers.selection.active = viewer.layers["corrected"]
+    press(qtbot, viewer, Qt.Key.Key_S)
+    assert widget.session.labels[35, 35] != widget.session.labels[35, 63]
+    assert len(viewer.layers["cuts"].data) == 0
+    assert counts(widget)[4] == 1
