@@ -586,6 +586,7 @@ SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
 SUBCOMMANDS.extend([lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_correct_parser(sub), lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_finetune_parser(sub)])
 SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
+SUBCOMMANDS.append(lambda sub: __import__("medseg.multiseq", fromlist=["add_parser"]).add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.batch").batch.add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.interactive.command", fromlist=["add_parser"]).add_parser(sub))
 

@@ -16,6 +16,7 @@ _NETWORK_MODULES = (
     "dcaunet",
     "medformer",
     "mslaunet",
+    "dmafnet",
 )
 
 for _module in _NETWORK_MODULES:
