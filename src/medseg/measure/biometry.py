@@ -310,12 +310,20 @@ def aop_hsd(labels: np.ndarray, spacing: Sequence[float] | None = None, ps_value
     tangent = _tangent(vertex, fh)
     if tangent is None:
         return Biometry("no_tangent", **common)
-    t = np.asarray(tangent)
-    b = math.sqrt(float(((vertex - t) ** 2).sum()))
-    c = math.sqrt(float(((other - t) ** 2).sum()))
+    return Biometry("ok", aop=aop_from_points(vertex, other, tangent), tangent=tangent, **common)
+
+
+def aop_from_points(vertex: Sequence[float], other_end: Sequence[float], tangent: Sequence[float]) -> float | None:
+    """AoP (degrees) at the symphysis vertex V between V->E (other symphysis end) and V->T (tangent point),
+    by the law of cosines as the evaluator computes it (step 7); ``None`` when two points coincide."""
+    v, e, t = (np.asarray(p, dtype=float) for p in (vertex, other_end, tangent))
+    a = math.sqrt(float(((v - e) ** 2).sum()))
+    b = math.sqrt(float(((v - t) ** 2).sum()))
+    c = math.sqrt(float(((e - t) ** 2).sum()))
+    if a == 0 or b == 0:
+        return None
     cosine = (a**2 + b**2 - c**2) / (2 * a * b)
-    aop = math.acos(min(1.0, max(-1.0, cosine))) * 180 / math.pi  # clamp only float round-off
-    return Biometry("ok", aop=aop, tangent=tangent, **common)
+    return math.acos(min(1.0, max(-1.0, cosine))) * 180 / math.pi  # clamp only float round-off
 
 
 def biometry_errors(pred: Biometry, ref: Biometry) -> dict[str, float | None]:
@@ -325,4 +333,4 @@ def biometry_errors(pred: Biometry, ref: Biometry) -> dict[str, float | None]:
     return {"aop_error": abs(pred.aop - ref.aop), "hsd_error": abs(pred.hsd - ref.hsd)}
 
 
-__all__ = ["Biometry", "STATUS_REASONS", "aop_hsd", "biometry_errors", "largest_contour", "outer_contours"]
+__all__ = ["Biometry", "STATUS_REASONS", "aop_from_points", "aop_hsd", "biometry_errors", "largest_contour", "outer_contours"]

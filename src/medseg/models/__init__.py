@@ -16,6 +16,8 @@ _NETWORK_MODULES = (
     "dcaunet",
     "medformer",
     "mslaunet",
+    "tapslf",
+    "fulltransnet",
     "dmafnet",
 )
 

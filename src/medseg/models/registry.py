@@ -27,6 +27,7 @@ class ModelCard:
     input_channels: tuple[int, ...] = (1, 3)
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "segmentation"  # "segmentation": image in, per-pixel logits out; "sequence": per-frame features in (in_channels = feature width)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ def register(card: ModelCard) -> Callable[[Callable[..., nn.Module]], Callable[.
     return wrap
 
 
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+def names(kind: str | None = "segmentation") -> list[str]:
+    """Registered architectures of one ``kind`` (``None``: all)."""
+    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.card.kind == kind)
 
 
 def card(name: str) -> ModelCard:
@@ -63,7 +65,7 @@ def _entry(name: str) -> _Entry:
         return _REGISTRY[name]
     except KeyError:
         raise UsageError(
-            f"Unknown architecture '{name}': choose one of {', '.join(names())} (see 'medseg models')."
+            f"Unknown architecture '{name}': choose one of {', '.join(names(None))} (see 'medseg models')."
         ) from None
 
 
@@ -72,7 +74,7 @@ def build(name: str, in_channels: int = 3, num_classes: int = 2, config: str = "
     entry = _entry(name)
     if config not in entry.card.configs:
         raise UsageError(f"Architecture '{name}' has no config '{config}': choose one of {', '.join(entry.card.configs)}.")
-    if in_channels not in entry.card.input_channels:
+    if entry.card.input_channels and in_channels not in entry.card.input_channels:
         raise UsageError(
             f"Architecture '{name}' takes {' or '.join(map(str, entry.card.input_channels))} input channels, not {in_channels}."
         )
