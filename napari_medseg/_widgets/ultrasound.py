@@ -11,6 +11,11 @@ notification. Then it turns the rows into layers and a table:
 - a Points layer of the key points (V vertex, E other symphysis end, T tangent point, H HSD point),
 - a per-frame table (frame, AoP, HSD, plane class, reason when not measurable), exportable as CSV.
 
+"Summarise loop" runs :func:`medseg.measure.keyframes.summarise_loop_iter` on the image stack (frame
+features from the segmentation pack, FullTransNet key frames from the ``ultrasound-keyframes`` pack),
+marks the key frames in a Points layer (one labelled marker per key frame, visible on that frame) and
+lets the two arrow buttons jump to the next or previous key frame.
+
 The two layers show the frame on screen and follow the frame slider. Editing the measured Labels
 layer (paint, fill, erase, undo, or replacing its data) re-measures the edited frame(s) on the GUI
 thread after a short debounce: one frame takes a few milliseconds.
@@ -32,6 +37,7 @@ from qtpy.QtWidgets import QAbstractScrollArea, QHeaderView, QStyledItemDelegate
 from medseg.engine import CancelToken, PredictConfig, Progress
 from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
+from medseg.measure.keyframes import DEFAULT_SUMMARISER, LoopSummary, summarise_loop_iter
 from medseg.measure.ultrasound import (
     DEFAULT_PACK, METHODS, FrameMeasurement, UltrasoundResult, measure_frame, measure_frames_iter, plane_class, structure_values,
     summary, ultrasound_job, write_csv,
@@ -92,6 +98,9 @@ def measure_job(labels: np.ndarray, frames: list[int], spacing, method: str, ste
     return Measured(rows)
 
 
+summarise_job = refusing(summarise_loop_iter)
+
+
 # --------------------------------------------------------------------------- the widget (GUI thread)
 class UltrasoundWidget(Container):
     """Segment PS and FH with a pack (or take a Labels layer), measure AoP/HSD per frame, draw and tabulate them."""
@@ -107,6 +116,8 @@ class UltrasoundWidget(Container):
         self._digests: dict[int, int] = {}  # crc32 of each measured frame, to notice edits that fire no paint event
         self.shapes_layer: Shapes | None = None
         self.points_layer: Points | None = None
+        self.key_summary: LoopSummary | None = None
+        self.keys_layer: Points | None = None
 
         self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the ultrasound image, DICOM or video layer to segment")
         self.labels_choice = ComboBox(label="labels", choices=self._labels_choices,
@@ -121,6 +132,10 @@ class UltrasoundWidget(Container):
         self.measure_button = PushButton(text="Measure labels")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         buttons = Container(widgets=[self.run_button, self.measure_button, self.cancel_button], layout="horizontal", labels=False)
+        self.summarise_button = PushButton(text="Summarise loop", tooltip=f"pick the key frames of the image stack ({DEFAULT_SUMMARISER} pack)")
+        self.previous_key_button = PushButton(text="◀ key frame", enabled=False)
+        self.next_key_button = PushButton(text="key frame ▶", enabled=False)
+        keys = Container(widgets=[self.summarise_button, self.previous_key_button, self.next_key_button], layout="horizontal", labels=False)
         self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self.status = Label(label="", value="")
         self.status.native.setWordWrap(True)
@@ -133,9 +148,9 @@ class UltrasoundWidget(Container):
         self.native.setMinimumWidth(420)  # room for the labels beside the choices
         self.csv_path = FileEdit(label="CSV", mode="w", filter="*.csv", value="biometry.csv")
         self.export_button = PushButton(text="Export CSV")
-        self.extend([self.image, self.labels_choice, self.frames, self.model, self.method, self.device, buttons, self.progress, self.status,
+        self.extend([self.image, self.labels_choice, self.frames, self.model, self.method, self.device, buttons, keys, self.progress, self.status,
                      self.table, self.csv_path, self.export_button])
-        self.jobs = JobRunner(run_buttons=[self.run_button, self.measure_button], cancel_button=self.cancel_button, bar=self.progress,
+        self.jobs = JobRunner(run_buttons=[self.run_button, self.measure_button, self.summarise_button], cancel_button=self.cancel_button, bar=self.progress,
                               status=self.status)
 
         self._timer = QTimer()
@@ -146,6 +161,9 @@ class UltrasoundWidget(Container):
         self.run_button.changed.connect(self.run)
         self.measure_button.changed.connect(self.measure)
         self.cancel_button.changed.connect(self.cancel)
+        self.summarise_button.changed.connect(self.summarise)
+        self.next_key_button.changed.connect(lambda *_: self.jump_key(+1))
+        self.previous_key_button.changed.connect(lambda *_: self.jump_key(-1))
         self.export_button.changed.connect(lambda *_: self.export_csv())
         self.labels_choice.changed.connect(self._on_labels_changed)
         self.method.changed.connect(self._on_method_changed)
@@ -257,6 +275,58 @@ class UltrasoundWidget(Container):
         self._pending = {"kind": "measure", "labels": layer}
         return self.jobs.start(measure_job, stack, frames, self._spacing_for(layer), self.method.value, layer.name, ps, fh,
                                on_result=self._on_result, on_done=self._on_done, description=f"measuring {len(frames)} frame(s) of {layer.name}")
+
+    def summarise(self, _value=None):
+        """Pick the key frames of the image stack with the summariser pack; returns the worker or None."""
+        if self.jobs.running:
+            return None
+        layer = self.image.value
+        if layer is None or layer.ndim != 3 or getattr(layer, "multiscale", False):
+            return self._refuse("Summarising needs a loop: choose an image layer that is a stack of frames (a cine loop, video or multi-frame DICOM).")
+        packs = available_packs()
+        if DEFAULT_SUMMARISER not in packs:
+            return self._refuse(f"The key-frame pack '{DEFAULT_SUMMARISER}' is not installed: add it to MEDSEG_MODELS.")
+        if self.model.value is None:
+            return self._refuse(f"No segmentation pack is installed to take frame features from: add '{DEFAULT_PACK}' to MEDSEG_MODELS.")
+        self._pending = {"kind": "summarise", "source": layer}
+        return self.jobs.start(summarise_job, layer.data, self.model.value, DEFAULT_SUMMARISER, on_result=self._on_summary,
+                               on_done=self._on_done, description=f"summarising {layer.name}")
+
+    def jump_key(self, direction: int) -> int | None:
+        """Move the frame slider to the next (+1) or previous (-1) key frame; returns that frame."""
+        layer = self._pending_source_or_image()
+        if self.key_summary is None or layer is None:
+            return None
+        current = self._current_frame_of(layer)
+        frame = self.key_summary.next_key(current) if direction > 0 else self.key_summary.previous_key(current)
+        if frame is not None:
+            axis = self._viewer.dims.ndim - layer.ndim
+            self._viewer.dims.set_point(axis, float(layer.data_to_world([frame] + [0] * (layer.ndim - 1))[0]))
+        return frame
+
+    def _pending_source_or_image(self):
+        layer = getattr(self, "_keys_source", None)
+        return layer if layer is not None and layer in self._viewer.layers else self.image.value
+
+    def _on_summary(self, result: LoopSummary) -> None:
+        layer = self._pending.get("source")
+        if layer is None or layer not in self._viewer.layers:
+            return
+        self.key_summary, self._keys_source = result, layer
+        h = layer.data.shape[1]
+        data = np.array([[k, 0.04 * h, 0.04 * h] for k in result.key_frames], float).reshape(-1, 3)
+        text = {"string": [f"key frame {k} (score {result.scores[k]:.2f})" for k in result.key_frames], "color": "#ffd700",
+                "anchor": "upper_left", "size": 10}
+        name = f"{layer.name} key frames"
+        if self.keys_layer is not None and self.keys_layer in self._viewer.layers:
+            self._viewer.layers.remove(self.keys_layer)
+        self.keys_layer = self._viewer.add_points(data, name=name, size=0.03 * h, face_color="#ffd700", text=text,
+                                                  scale=tuple(layer.scale), translate=tuple(layer.translate))
+        self.keys_layer.metadata["key_frames"] = list(result.key_frames)
+        self.next_key_button.enabled = self.previous_key_button.enabled = bool(result.key_frames)
+        measurable = int((result.quality[result.key_frames] > 0).sum()) if result.key_frames else 0
+        self._report(f"{len(result.key_frames)} key frame(s) of {len(result.scores)}: {', '.join(map(str, result.key_frames))} "
+                     f"({measurable} show both structures)", "status")
 
     def cancel(self, _value=None) -> None:
         self.jobs.cancel()
