@@ -264,6 +264,7 @@ _TRAIN_FLAGS = {
     "--pack-id": ("pack_id", str, "id of the written pack (default DATASET-ARCH-CONFIG)"),
     "--threads": ("threads", int, "CPU threads for torch"),
     "--init-from": ("init_from", str, "start from this pack's weights (id or folder): fine-tuning"),
+    "--encoder-init": ("encoder_init", str, "start the network's encoder from an encoder pack written by 'medseg pretrain' (same architecture and config)"),
     "--arch-overrides": ("arch_overrides", json.loads, 'constructor arguments on top of --config, as JSON (e.g. \'{"dims": [32, 64, 128, 256]}\')'),
     "--mask-kind": ("mask_kind", str, "dataset folders: index (class values), binary or instance"),
     "--threshold": ("threshold", float, "dataset folders with binary masks: foreground is value > THRESHOLD"),
@@ -586,6 +587,7 @@ SUBCOMMANDS.append(_add_wsi)
 SUBCOMMANDS.append(_add_biometry)
 SUBCOMMANDS.extend([lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_correct_parser(sub), lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_finetune_parser(sub)])
 SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
+SUBCOMMANDS.append(lambda sub: __import__("medseg.pretrain.cli", fromlist=["add_parser"]).add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.multiseq", fromlist=["add_parser"]).add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.batch").batch.add_parser(sub))
 SUBCOMMANDS.append(lambda sub: __import__("medseg.interactive.command", fromlist=["add_parser"]).add_parser(sub))

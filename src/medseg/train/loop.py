@@ -59,6 +59,7 @@ class TrainConfig:
     config: str = "small"
     arch_overrides: dict[str, Any] | None = None  # constructor arguments on top of the config (recorded in the pack)
     init_from: str | None = None  # start from a pack's weights (id or folder): fine-tuning; matching keys and shapes are copied
+    encoder_init: str | None = None  # start the encoder from an encoder pack of 'medseg pretrain' (medseg.pretrain.pack)
     classes: list[str] | None = None
     mask_kind: str | None = None
     threshold: float | None = None
@@ -272,6 +273,10 @@ class _Trainer:
         self.model = self.new_model().to(self.device)
         if cfg.init_from:
             self.init_info = self.init_weights(self.model, cfg.init_from)
+        if cfg.encoder_init:
+            from medseg.pretrain.pack import init_segmentation_encoder
+
+            self.encoder_info = init_segmentation_encoder(self.model, cfg.encoder_init, cfg.arch, cfg.config)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
@@ -561,6 +566,8 @@ class _Trainer:
             extra["overrides"] = dict(cfg.arch_overrides)
         if cfg.init_from:
             training["init_from"] = getattr(self, "init_info", {"pack": cfg.init_from})
+        if cfg.encoder_init:
+            training["encoder_init"] = getattr(self, "encoder_info", {"encoder": cfg.encoder_init})
         if r.min_object_area_um2:
             extra["postprocess"] = {"min_object_area_um2": r.min_object_area_um2}
         out = Path(cfg.out) if cfg.out else self.run_dir / "pack"
