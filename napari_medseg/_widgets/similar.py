@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 WHOLE_IMAGE = "whole image"
 REPORT_CHARS = 400
+THUMBNAIL_PX = 96
 
 
 @dataclass
@@ -145,7 +146,9 @@ class SimilarWidget(Container):
         self.jobs.report(f"{len(self.cases)} similar cases from {len(self._index)} in the index.")
 
     def _case_row(self, case: SimilarCase) -> Container:
-        thumb = ImageView(value=case.thumbnail)
+        thumb = ImageView()
+        thumb.set_data(np.repeat(case.thumbnail[..., None], 3, axis=-1), width=THUMBNAIL_PX)  # RGB: no colour map needed
+        thumb.min_width = thumb.min_height = THUMBNAIL_PX  # the image widget's size policy would let the layout squeeze it away
         text = case.text if len(case.text) <= REPORT_CHARS else case.text[: REPORT_CHARS - 3] + "..."
         finding = f" — {case.finding}" if case.finding else ""
         label = Label(value=f"{case.rank}. similarity {case.score:.3f}{finding}\n{Path(case.image).name}\n{text}")

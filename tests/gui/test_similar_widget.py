@@ -63,7 +63,7 @@ def test_shows_k_similar_cases_for_the_open_image(viewer_and_widget, archive_ind
     assert len(widget.cases) == 3 and len(widget.results) == 3, widget.last_message
     for rank, row in enumerate(widget.results, start=1):
         thumb, label = row[0], row[1]
-        assert thumb.value.shape[:2] == (96, 96)
+        assert thumb.value.shape[:2] == (96, 96) and thumb.min_width == 96
         case = row.case
         assert label.value.startswith(f"{rank}. similarity") and case.finding in label.value and case.finding in FINDINGS
         assert case.text[:40] in label.value

@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,18 +148,6 @@ def sentence_features(words: torch.Tensor, sentence: torch.Tensor, max_sentences
     return feats, count > 0
 
 
-def sentence_lists(texts: Sequence[str]) -> list[list[str]]:
-    """The sentences of each report as strings (what the sentence features stand for)."""
-    return [[" ".join(s) for s in split_sentences(t)] for t in texts]
-
-
-def vocabulary_coverage(texts: Sequence[str], vocab: Vocabulary) -> float:
-    """Share of the words of ``texts`` that the vocabulary knows (a check for reports of another kind)."""
-    lookup = vocab.index()
-    words = [w for t in texts for s in split_sentences(t) for w in s]
-    return float(np.mean([w in lookup for w in words])) if words else 0.0
-
-
 __all__ = [
     "EncodedReports",
     "TextEncoder",
@@ -168,7 +155,5 @@ __all__ = [
     "encode_reports",
     "has_sentences",
     "sentence_features",
-    "sentence_lists",
     "split_sentences",
-    "vocabulary_coverage",
 ]
