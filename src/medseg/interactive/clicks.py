@@ -118,9 +118,9 @@ def encode(clicks: Sequence[Click], previous: np.ndarray | None, shape: tuple[in
 def interior_point(region: np.ndarray) -> tuple[int, int, float]:
     """(row, col, distance) of the point of ``region`` farthest from its border (the image edge counts as border)."""
     dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    idx = int(np.argmax(dist))
-    r, c = divmod(idx, region.shape[1])
-    return r, c, float(dist[r, c])
+    rows, cols = np.nonzero(dist >= dist.max() - 1e-6)  # a ridge for elongated regions: take its middle
+    i = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    return int(rows[i]), int(cols[i]), float(dist[rows[i], cols[i]])
 
 
 def next_click(target: np.ndarray, prediction: np.ndarray) -> Click | None:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("image", metavar="IMAGE", help="a 2-D image (grey or RGB)")
     p.add_argument("--model", "-m", required=True, help="pack id or pack folder (see 'medseg models')")
     p.add_argument("--points", required=True, metavar='"x,y,+;x,y,-"', help="clicks in order: column, row (image pixels), + inside the object, - outside it")
-    p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="a box around the object, applied before the clicks (the pack runs on that rectangle only)")
+    p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="a box around the object, applied before the clicks (the object is kept inside it)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="mask file to write (PNG or TIFF)")
     p.add_argument("--mpp", type=float, default=None, help="pixel size of the image in µm (default: from the file when it says)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or mps")

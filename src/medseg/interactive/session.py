@@ -6,8 +6,10 @@
 - With an **automatic pack** (the fallback), a positive click runs the pack on a window around the
   click with the same :class:`~medseg.engine.Predictor` users run, and adds the connected object under
   the click (of the class under the click); a negative click removes the connected region of the
-  current object it lands in; a drag box runs the pack on that rectangle only and keeps its largest
-  object. Window predictions are cached, so further clicks in the same window cost no network run.
+  current object it lands in (when that region also holds positive clicks, only the part a marker
+  watershed on the image's edges gives to the negative clicks); a drag box keeps the largest object the pack finds inside that rectangle
+  (the network sees the box with up to one training tile of context around it). Window
+  predictions are cached, so further clicks in the same window cost no network run.
 
 Either way the object is recomputed from the image and the clicks in order (:func:`segment_clicks`),
 which is what the ``medseg click`` command does; the session keeps every step so undo is instant.
@@ -34,6 +36,7 @@ from medseg.train.packs import Pack
 
 WINDOW = 512  # side of the fallback's window around a click, in the pack's pixels
 MARGIN = 0.4  # the interactive window covers the object's box plus this share on every side
+COMPACTNESS = 0.01  # negative-click split: edge strength (0..1) traded against distance in pixels
 _EIGHT = np.ones((3, 3), bool)
 
 
@@ -44,7 +47,8 @@ class Step:
     mask: np.ndarray  # bool (H, W)
     click: Click | Box | None
     note: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock
+    cpu_seconds: float = 0.0  # CPU time of this process (all its threads)
     ran_network: bool = False
 
 
@@ -101,6 +105,7 @@ class FallbackEngine:
         self.factor = scale_factor(self.image_mpp, pack.mpp)  # pack pixels per image pixel
         self.device = device
         self._cache: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._edges: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -166,11 +171,42 @@ class FallbackEngine:
             return Step(mask | obj, click, note, ran_network=ran)
         if not mask[click.row, click.col]:
             return Step(mask.copy(), click, "the negative click is outside the current object: nothing to remove")
-        return Step(mask & ~component_at(mask, click.row, click.col), click, "removed the region under the negative click")
+        region = component_at(mask, click.row, click.col)
+        kept = [c for c in clicks[:-1] if c.positive and region[c.row, c.col]]
+        if kept:  # the region also holds positive clicks: remove only the part on the negative click's side
+            region = self.split_off(region, kept, [c for c in clicks if not c.positive and region[c.row, c.col]])
+        return Step(mask & ~region, click, "removed the region under the negative click")
+
+    def split_off(self, region: np.ndarray, positives: Sequence[Click], negatives: Sequence[Click]) -> np.ndarray:
+        """The part of ``region`` that a marker watershed on the image's edges gives to the negative clicks."""
+        from skimage.filters import sobel
+        from skimage.segmentation import watershed
+
+        rows, cols = np.nonzero(region)
+        y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        if self._edges is None:
+            grey = self.data.array.astype(np.float32)
+            grey = grey.mean(axis=-1) if self.data.rgb else grey
+            edges = sobel(ndimage.gaussian_filter(grey, 1.0))
+            self._edges = edges / max(float(edges.max()), 1e-6)
+        markers = np.zeros((y1 - y0, x1 - x0), np.int32)
+        for c in positives:
+            markers[c.row - y0, c.col - x0] = 1
+        for c in negatives:
+            markers[c.row - y0, c.col - x0] = 2
+        # compact: on flat, noisy insides the split follows distance (plain flooding lets one seed leak everywhere)
+        basins = watershed(self._edges[y0:y1, x0:x1], markers, mask=region[y0:y1, x0:x1], compactness=COMPACTNESS)
+        out = np.zeros(region.shape, bool)
+        out[y0:y1, x0:x1] = basins == 2
+        return out
 
     def box(self, box: Box) -> Step:
-        win = Window(box.y0, box.y1, box.x0, box.x1, self.factor)
+        """The largest object of the box's main class, inside the box. The network sees the box with
+        context around it up to one training tile (a tight box alone cuts the object's surroundings)."""
+        least = int(round(self.pack.tile / self.factor))
+        win = window_around((box.y0 + box.y1) / 2, (box.x0 + box.x1) / 2, max(least, box.y1 - box.y0), max(least, box.x1 - box.x0), self.shape, self.factor)
         labels, _, ran = self.predict(win)
+        labels = labels[box.y0 - win.y0 : box.y1 - win.y0, box.x0 - win.x0 : box.x1 - win.x0]
         fg = labels[labels > 0]
         out = np.zeros(self.shape, bool)
         if fg.size == 0:
@@ -178,7 +214,7 @@ class FallbackEngine:
         cls = int(np.bincount(fg).argmax())
         comp, n = ndimage.label(labels == cls, structure=_EIGHT)
         largest = int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
-        out[win.slices] = comp == largest
+        out[box.y0 : box.y1, box.x0 : box.x1] = comp == largest
         return Step(out, box, f"{self.pack.classes[cls].name} in the box", ran_network=ran)
 
 
@@ -245,15 +281,16 @@ class GuidedEngine:
         out[win.slices] = pred
         if self.box_limit is not None:
             out &= _box_mask(self.box_limit, self.shape)
-        return Step(out, clicks[-1], "", ran_network=True)
+        note = "" if out.any() else "the network sees no object at the clicks; click closer to the object's centre or draw a box"
+        return Step(out, clicks[-1], note, ran_network=True)
 
     @staticmethod
     def _keep_clicked(pred: np.ndarray, clicks: Sequence[Click], win: Window) -> np.ndarray:
         """Only the connected parts holding a positive click (one object, no other); none lose a click's pixel."""
         labels, n = ndimage.label(pred, structure=_EIGHT)
         keep = {int(labels[c.row - win.y0, c.col - win.x0]) for c in clicks if c.positive} - {0}
-        if not keep:
-            return np.zeros_like(pred) if n == 0 else labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        if not keep:  # the network sees nothing at the clicks: no object rather than another one
+            return np.zeros_like(pred)
         out = np.isin(labels, sorted(keep))
         for c in clicks:
             out[c.row - win.y0, c.col - win.x0] = c.positive
@@ -317,9 +354,9 @@ class ClickSession:
 
     def add(self, click: Click) -> Step:
         check_clicks([click], self.shape)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         step = self.engine.step(self.mask, self.clicks + [click])
-        step.seconds = time.perf_counter() - t
+        step.seconds, step.cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
         self.steps.append(step)
         return step
 
@@ -329,9 +366,9 @@ class ClickSession:
         if box.x1 - box.x0 < 2 or box.y1 - box.y0 < 2:
             raise InputError("The box is outside the image or thinner than 2 pixels: drag a box around the object on the image.")
         self.reset()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         step = self.engine.box(box)
-        step.seconds = time.perf_counter() - t
+        step.seconds, step.cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
         self.steps.append(step)
         return step
 

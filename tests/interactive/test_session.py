@@ -1,0 +1,165 @@
+"""The click session: one click selects the object under it and no other, a negative click removes the
+region it lands in, boxes, undo, refusals; the fallback on a shipped pack and real ultrasound; the
+click-guided variant saves and loads as an interactive pack."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.errors import InputError
+from medseg.interactive.clicks import DISKS as ENCODING, Box, Click
+from medseg.interactive.evaluate import click_run, objects_of, summarise_runs
+from medseg.interactive.session import ClickSession, segment_clicks
+from medseg.metrics import iou
+from tests.conftest import data_dir
+from tests.interactive._fixtures import DISKS, bright_pack, disk_image
+
+
+def test_a_click_inside_an_object_selects_that_object_and_no_other():
+    image, ids = disk_image()
+    session = ClickSession(image, bright_pack())
+    for k, (r, c, _) in enumerate(DISKS, start=1):
+        session.reset()
+        step = session.add(Click(c + 3, r - 2))
+        assert step.mask.dtype == bool and step.mask.shape == image.shape
+        assert iou(step.mask, ids == k) > 0.95
+        assert not (step.mask & (ids > 0) & (ids != k)).any()
+
+
+def test_a_negative_click_removes_the_region_it_lands_in():
+    image, ids = disk_image()
+    session = ClickSession(image, bright_pack())
+    session.set_box(Box.from_corners(80, 20, 120, 62))  # disk 2, from a box: no positive click inside it
+    session.add(Click(40, 40))
+    assert iou(session.mask, (ids == 1) | (ids == 2)) > 0.95
+    step = session.add(Click(108, 36, positive=False))
+    assert iou(step.mask, ids == 1) > 0.95 and not (step.mask & (ids == 2)).any()
+    outside = session.add(Click(5, 130, positive=False))
+    assert np.array_equal(outside.mask, step.mask) and "nothing to remove" in outside.note
+    assert session.undo() and session.undo() and iou(session.mask, (ids == 1) | (ids == 2)) > 0.95
+
+
+def test_clicks_outside_the_image_or_on_an_empty_image_are_refused():
+    image, _ = disk_image()
+    session = ClickSession(image, bright_pack())
+    with pytest.raises(InputError, match="outside the image"):
+        session.add(Click(150, 10))
+    assert session.steps == []
+    with pytest.raises(InputError, match="empty"):
+        ClickSession(np.zeros((64, 64), np.uint8), bright_pack())
+    with pytest.raises(InputError, match="outside the image"):
+        segment_clicks(image, bright_pack(), [Click(10, 10), Click(10, -4, False)])
+
+
+def test_a_click_on_background_adds_nothing_and_says_so():
+    image, _ = disk_image()
+    step = ClickSession(image, bright_pack()).add(Click(5, 130))
+    assert not step.mask.any() and "no object" in step.note
+
+
+def test_a_box_runs_the_pack_on_that_rectangle_only():
+    image, ids = disk_image()
+    session = ClickSession(image, bright_pack())
+    step = session.set_box(Box.from_corners(80, 20, 120, 62))  # around disk 2 only
+    assert iou(step.mask, ids == 2) > 0.95
+    session.add(Click(40, 40))  # a click after the box adds another object
+    assert iou(session.mask, (ids == 1) | (ids == 2)) > 0.95
+    with pytest.raises(InputError, match="box"):
+        session.set_box(Box(200, 200, 300, 300))
+
+
+def test_the_window_prediction_is_cached_between_clicks():
+    image, _ = disk_image()
+    session = ClickSession(image, bright_pack())
+    assert session.add(Click(40, 40)).ran_network
+    assert not session.add(Click(42, 41)).ran_network
+
+
+def test_the_protocol_reaches_the_objects_with_the_fallback():
+    image, ids = disk_image()
+    session = ClickSession(image, bright_pack())
+    objects = objects_of(ids, {1: "a", 2: "b", 3: "c"})
+    runs = [click_run(session, obj, name, max_clicks=5) for name, obj in objects]
+    summary = summarise_runs(runs, max_clicks=5)
+    assert summary["objects"] == 3 and summary["noc90"] == 1.0 and summary["iou1"] > 0.95
+
+
+def test_fallback_with_the_shipped_ultrasound_pack_on_a_real_frame():
+    from medseg.io import read_image
+    from medseg.train.packs import load_pack
+
+    root = data_dir("psfhs")
+    image = read_image(root / "images" / "04400.png")
+    from medseg.train.datasets import Case, read_mask
+
+    truth = read_mask(Case("04400", root / "images" / "04400.png", root / "labels" / "04400.png"), 3)
+    rows, cols = np.nonzero(truth == 2)
+    mask = segment_clicks(image, load_pack("ultrasound-fhps"), [Click(cols.mean(), rows.mean())])
+    assert mask.dtype == np.uint8 and mask.shape == truth.shape and set(np.unique(mask)) <= {0, 1}
+    assert iou(mask.astype(bool), truth == 2) > 0.8 and not (mask.astype(bool) & (truth == 1)).any()
+
+
+def _interactive_pack(tmp_path):
+    from medseg import models
+    from medseg.models.guided import GuidedNet
+    from medseg.train.packs import Pack, default_classes, load_pack, save_pack
+
+    torch.manual_seed(0)
+    net = GuidedNet(models.build("unet", in_channels=1, num_classes=2), 3).eval()
+    pack = Pack("toy-click", net, "unet", "small", 1, default_classes(2, ["background", "object"]), tile=64, interactive=True, manifest={"click_encoding": ENCODING})
+    save_pack(pack, tmp_path / "toy-click")
+    return load_pack(tmp_path / "toy-click")
+
+
+def test_an_interactive_pack_round_trips_and_keeps_only_clicked_objects(tmp_path):
+    from medseg.models.guided import GuidedNet
+
+    pack = _interactive_pack(tmp_path)
+    assert pack.interactive and isinstance(pack.model, GuidedNet) and pack.manifest["click_encoding"]["kind"] == "disks"
+    image, ids = disk_image()
+    session = ClickSession(image, pack)
+    assert session.interactive
+    from scipy import ndimage
+
+    for click in (Click(40, 40), Click(100, 40, positive=False), Click(70, 100)):
+        step = session.add(click)
+        assert step.ran_network
+        labels, n = ndimage.label(step.mask, structure=np.ones((3, 3)))
+        positives = [c for c in session.clicks if c.positive]
+        # the untrained network may see nothing; whatever it keeps holds a positive click, and no negative one
+        assert all(labels[c.row, c.col] == 0 for c in session.clicks if not c.positive)
+        assert {int(v) for v in np.unique(labels)} - {0} <= {int(labels[c.row, c.col]) for c in positives}
+        assert step.mask.any() or "no object" in step.note
+
+
+def test_the_widened_stem_starts_from_the_automatic_weights():
+    from medseg import models
+    from medseg.models.guided import GuidedNet, load_widened
+
+    torch.manual_seed(0)
+    auto = models.build("unet", in_channels=1, num_classes=3).eval()
+    guided = GuidedNet(models.build("unet", in_channels=1, num_classes=2), 3).eval()
+    loaded, skipped = load_widened(guided, auto.state_dict())
+    assert not skipped and loaded
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        a = auto(x)
+        g = guided(torch.cat([x, torch.zeros(1, 3, 64, 64)], dim=1))
+    assert torch.allclose(g[:, 0], a[:, 0], atol=1e-4)  # background scores unchanged with empty guidance
+    assert torch.allclose(g[:, 1], a[:, 1:].mean(1), atol=1e-4)
+
+
+def test_a_negative_click_on_an_object_holding_positive_clicks_removes_only_its_side():
+    from tests.interactive._fixtures import disk_image as make
+
+    image, ids = make(shape=(80, 140), disks=[(40, 40, 20), (40, 74, 20)])  # two disks that overlap into one blob
+    session = ClickSession(image, bright_pack())
+    session.add(Click(35, 40))
+    assert iou(session.mask, ids > 0) > 0.95
+    step = session.add(Click(90, 40, positive=False))
+    assert step.mask[40, 35] and not step.mask[40, 90]
+    left = np.zeros_like(ids, bool)
+    left[:, :57] = True
+    assert iou(step.mask, (ids > 0) & left) > 0.85
