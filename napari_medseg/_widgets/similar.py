@@ -126,9 +126,6 @@ class SimilarWidget(Container):
         request = SimilarRequest(layer.name, frame, bool(layer.rgb), folder, int(self.k.value), str(self.by.value), region, index)
         return self.jobs.start(similar_job, request, description=f"Finding cases similar to {layer.name}", on_result=self._on_result)
 
-    def cancel(self, _value=None) -> None:
-        self.jobs.cancel()
-
     @property
     def running(self) -> bool:
         return self.jobs.running

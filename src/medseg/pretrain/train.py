@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,14 +83,6 @@ class PretrainConfig:
     fresh: bool = False
     pack_id: str | None = None
     command: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"Unknown pretraining option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}.")
-        return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
