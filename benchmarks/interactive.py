@@ -16,7 +16,7 @@ Latency: one click on a 512 x 512 window on the CPU (median of repeats, torch th
 the fallback's first click in a window (a network run), a click in an already predicted window
 (cached), and the interactive pack's click.
 
-    python benchmarks/interactive.py [--images 12] [--max-clicks 20]
+    python benchmarks/interactive.py [--images 12] [--max-clicks 20] [--click-packs FOLDER,...]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from medseg.interactive.session import ClickSession, FallbackEngine, GuidedEngin
 from medseg.io.images import describe_array  # noqa: E402
 from medseg.metrics import iou  # noqa: E402
 from medseg.train.datasets import evenly, read_case_image, read_mask  # noqa: E402
-from medseg.train.packs import load_pack  # noqa: E402
+from medseg.train.packs import load_pack, read_manifest  # noqa: E402
 from medseg.train.recipes import get_recipe  # noqa: E402
 
 # (recipe, split training never saw, automatic pack, interactive pack, classes with one object per image)
@@ -61,14 +61,17 @@ def automatic_iou(labels: np.ndarray, value: int, target: np.ndarray) -> float:
     return max((iou(comp == k, target) for k in hit), default=0.0)
 
 
+CLICK_PACKS: dict[str, str] = {}  # interactive pack id -> folder, from --click-packs
+
+
 def load(name: str):
     try:
-        return load_pack(name)
+        return load_pack(CLICK_PACKS.get(name, name))
     except MedsegError:
         return None
 
 
-def run_task(recipe_name, split, auto_id, click_id, one_per_image, n_images, max_clicks):
+def run_task(recipe_name, split, auto_id, click_id, one_per_image, n_images, max_clicks, bf16=False):
     recipe = get_recipe(recipe_name)
     cases = evenly(recipe.cases(split), n_images)
     auto, guided = load(auto_id), load(click_id)
@@ -81,8 +84,8 @@ def run_task(recipe_name, split, auto_id, click_id, one_per_image, n_images, max
         if not objects:
             continue
         labels = Predictor(auto).predict(image, rgb=rgb, mpp=case.mpp).labels
-        fallback = ClickSession(image, auto, mpp=case.mpp, rgb=rgb)
-        interactive = ClickSession(image, guided, mpp=case.mpp, rgb=rgb) if guided is not None else None
+        fallback = ClickSession(image, auto, mpp=case.mpp, rgb=rgb, bf16=bf16)
+        interactive = ClickSession(image, guided, mpp=case.mpp, rgb=rgb, bf16=bf16) if guided is not None else None
         for name, obj in objects:
             value = next(v for v, n in names.items() if n == name)
             r = runs.setdefault(name, {"auto": [], "fallback": [], "interactive": []})
@@ -102,7 +105,7 @@ def latency(auto_id: str, click_id: str, repeats: int) -> list[dict]:
     auto, guided = load_pack(auto_id), load(click_id)
     centre = Click(256, 256, True)
     rows = []
-    for threads in (1, 2):
+    for threads, bf16 in ((1, False), (1, True), (2, False), (2, True)):
         torch.set_num_threads(threads)
         timed: dict[str, list[tuple[float, float]]] = {"first": [], "cached": [], "interactive": []}
 
@@ -112,11 +115,11 @@ def latency(auto_id: str, click_id: str, repeats: int) -> list[dict]:
             timed[key].append((time.perf_counter() - t, time.process_time() - cpu))
 
         for _ in range(repeats):
-            engine = FallbackEngine(auto, data, None)
+            engine = FallbackEngine(auto, data, None, bf16=bf16)
             clock("first", lambda: engine.object_at(centre))
             clock("cached", lambda: engine.object_at(Click(250, 260, True)))
             if guided is not None:
-                g = GuidedEngine(guided, data, None)
+                g = GuidedEngine(guided, data, None, bf16=bf16)
                 clock("interactive", lambda: g.probability(Window(0, 512, 0, 512), [centre], np.zeros(crop.shape[:2], bool)))
 
         def ms(key: str) -> str:
@@ -125,7 +128,7 @@ def latency(auto_id: str, click_id: str, repeats: int) -> list[dict]:
                 return "no pack"
             return f"{1000 * float(np.median([c for _, c in v])):.0f} CPU / {1000 * float(np.median([w for w, _ in v])):.0f} wall"
 
-        rows.append({"threads": threads, "fallback, first click in a window": ms("first"), "fallback, click in a predicted window": ms("cached"),
+        rows.append({"threads": threads, "precision": "bf16 autocast" if bf16 else "float32", "fallback, first click in a window": ms("first"), "fallback, click in a predicted window": ms("cached"),
                      "interactive pack click": ms("interactive"), "target": f"≤ {LATENCY_TARGET_MS:.0f}"})
     return rows
 
@@ -136,12 +139,16 @@ def main() -> None:
     ap.add_argument("--max-clicks", type=int, default=MAX_CLICKS)
     ap.add_argument("--repeats", type=int, default=6, help="latency repeats per setting")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the accuracy part")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU for the accuracy part too")
+    ap.add_argument("--click-packs", default="", help="comma-separated folders of interactive packs not installed (e.g. work/click-ultrasound-fhps/pack)")
     args = ap.parse_args()
+    for folder in [f for f in args.click_packs.split(",") if f]:
+        CLICK_PACKS[read_manifest(Path(folder))["id"]] = folder
     torch.set_num_threads(args.threads)
     rows, notes = [], []
     t0 = time.perf_counter()
     for recipe_name, split, auto_id, click_id, one, in TASKS:
-        n_cases, runs, has_guided = run_task(recipe_name, split, auto_id, click_id, one, args.images, args.max_clicks)
+        n_cases, runs, has_guided = run_task(recipe_name, split, auto_id, click_id, one, args.images, args.max_clicks, args.bf16)
         if not has_guided:
             notes.append(f"{click_id}: not trained yet, so no interactive row for {recipe_name}.")
         for name, r in runs.items():
@@ -172,9 +179,9 @@ def main() -> None:
         f"{args.repeats} repeats less the first; ms of CPU time of the process, all threads, and ms of wall-clock time; "
         "the wall-clock time is inflated by the other jobs sharing the 2 cores):",
         "",
-        table(lat, ["threads", "fallback, first click in a window", "fallback, click in a predicted window", "interactive pack click", "target"]),
+        table(lat, ["threads", "precision", "fallback, first click in a window", "fallback, click in a predicted window", "interactive pack click", "target"]),
         "",
-        f"Accuracy part: {accuracy_s / 60:.1f} min with {args.threads} thread(s) on a shared 2-core machine (other jobs running); latencies measured under the same load.",
+        f"Accuracy part: {'bf16 autocast' if args.bf16 else 'float32'}, {accuracy_s / 60:.1f} min with {args.threads} thread(s) on a shared 2-core machine (other jobs running); latencies measured under the same load.",
     ]
     body += [f"- {n}" for n in notes]
     write_section("Click segmentation: number of clicks and latency", "\n".join(body))

@@ -46,6 +46,7 @@ class ClickRequest:
     pack_id: str
     mpp: float | None
     device: str
+    bf16: bool
 
 
 @refusing
@@ -54,7 +55,7 @@ def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Gener
     session = request.session
     if session is None:
         yield Progress(0, 0, f"loading {request.pack_id}")
-        session = ClickSession(np.asarray(request.data), resolve(request.pack_id), mpp=request.mpp, rgb=request.rgb, device=request.device)
+        session = ClickSession(np.asarray(request.data), resolve(request.pack_id), mpp=request.mpp, rgb=request.rgb, device=request.device, bf16=request.bf16)
     yield Progress(0, 0, "segmenting")
     action = request.action
     step = session.set_box(action) if isinstance(action, Box) else session.add(action)
@@ -80,6 +81,7 @@ class ClickWidget(Container):
         self.model = ComboBox(label="model", choices=lambda _w=None: sorted(available_packs()), tooltip="interactive packs (…-click) follow the clicks; automatic packs use the object under the click")
         self.model_info = Label(label="", value="")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
+        self.bf16 = CheckBox(label="bf16 on CPU", value=True, tooltip="bf16 arithmetic on the CPU: about twice as fast per click")
         self.box_mode = CheckBox(label="box mode", value=False, tooltip="draw a rectangle around the object on the 'click box' layer instead of clicking")
         self.start_button = PushButton(text="Start clicking")
         self.undo_button = PushButton(text="Undo click (u)")
@@ -90,7 +92,7 @@ class ClickWidget(Container):
         self.status = Label(label="", value="left click: inside the object; Shift/Ctrl/right click: outside it")
         for label in (self.model_info, self.status):
             label.native.setWordWrap(True)
-        self.extend([self.image, self.model, self.model_info, self.device, self.box_mode, self.start_button, buttons, self.progress, self.status])
+        self.extend([self.image, self.model, self.model_info, self.device, self.bf16, self.box_mode, self.start_button, buttons, self.progress, self.status])
         self.jobs = JobRunner(bar=self.progress, status=self.status)
 
         self.model.changed.connect(self._on_model_changed)
@@ -233,10 +235,10 @@ class ClickWidget(Container):
             self._pending.append(action)
             return None
         layer = self.image.value
-        key = (id(layer), self.model.value, self.device.value)
+        key = (id(layer), self.model.value, self.device.value, self.bf16.value)
         if key != self._session_key:
             self.session, self._session_key = None, key
-        request = ClickRequest(action, self.session, layer.data, bool(layer.rgb), self.model.value, layer_mpp(layer), self.device.value)
+        request = ClickRequest(action, self.session, layer.data, bool(layer.rgb), self.model.value, layer_mpp(layer), self.device.value, self.bf16.value)
         return self.jobs.start(click_job, request, description="click", on_result=self._on_result, on_done=self._on_done)
 
     def _on_result(self, outcome: tuple[ClickSession, Step]) -> None:

@@ -163,3 +163,15 @@ def test_a_negative_click_on_an_object_holding_positive_clicks_removes_only_its_
     left = np.zeros_like(ids, bool)
     left[:, :57] = True
     assert iou(step.mask, (ids > 0) & left) > 0.85
+
+
+def test_bf16_clicks_give_the_same_object_as_float32():
+    from medseg.io import read_image
+    from medseg.train.packs import load_pack
+
+    image = read_image(data_dir("psfhs") / "images" / "04400.png")
+    pack = load_pack("ultrasound-fhps")
+    clicks = [Click(128, 150)]
+    exact = segment_clicks(image, pack, clicks).astype(bool)
+    fast = segment_clicks(image, pack, clicks, bf16=True).astype(bool)
+    assert exact.sum() > 1000 and iou(exact, fast) > 0.97

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="mask file to write (PNG or TIFF)")
     p.add_argument("--mpp", type=float, default=None, help="pixel size of the image in µm (default: from the file when it says)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or mps")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU (about twice as fast)")
     p.set_defaults(run=run)
 
 
@@ -37,7 +39,6 @@ def _parse_box(text: str):
 
 
 def run(args) -> int:
-    from medseg.cli import _say
     from medseg.errors import UsageError
     from medseg.interactive.clicks import parse_points
     from medseg.interactive.session import segment_clicks
@@ -53,11 +54,11 @@ def run(args) -> int:
         raise UsageError(f"'{out.name}' is not a mask file name: end it in .png or .tif.")
     image = read_image(args.image)
     pack = resolve(args.model)
-    mask = segment_clicks(image, pack, clicks, box=box, mpp=args.mpp, device=args.device)
+    mask = segment_clicks(image, pack, clicks, box=box, mpp=args.mpp, device=args.device, bf16=args.bf16)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_labels(out, np.ascontiguousarray(mask, dtype=np.uint8))
     kind = "interactive pack" if pack.interactive else "automatic pack (click fallback)"
-    _say(f"{int(mask.sum())} object pixels from {len(clicks)} click(s){' and a box' if box else ''} with {pack.id} ({kind}); mask written to {out}")
+    print(f"{int(mask.sum())} object pixels from {len(clicks)} click(s){' and a box' if box else ''} with {pack.id} ({kind}); mask written to {out}", file=sys.stderr)
     return 0
 
 

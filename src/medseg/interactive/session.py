@@ -17,6 +17,7 @@ which is what the ``medseg click`` command does; the session keeps every step so
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -87,6 +88,13 @@ def window_around(cy: float, cx: float, side_h: int, side_w: int, shape: tuple[i
     return Window(y0, y0 + side_h, x0, x0 + side_w, factor)
 
 
+def cpu_precision(device: torch.device, bf16: bool):
+    """bf16 autocast on the CPU when asked (about twice as fast; the packs were trained with it), else nothing."""
+    if bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _prepare(image: np.ndarray | ImageData, rgb: bool | None) -> ImageData:
     data = image if isinstance(image, ImageData) else describe_array(np.asarray(image), rgb=rgb)
     if data.is_stack:
@@ -99,11 +107,12 @@ def _prepare(image: np.ndarray | ImageData, rgb: bool | None) -> ImageData:
 class FallbackEngine:
     """Clicks with an automatic pack: the connected object under the click."""
 
-    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu") -> None:
+    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu", bf16: bool = False) -> None:
         self.pack, self.data = pack, data
         self.image_mpp = mpp if mpp is not None else data.metadata.get("mpp")
         self.factor = scale_factor(self.image_mpp, pack.mpp)  # pack pixels per image pixel
         self.device = device
+        self.bf16 = bf16
         self._cache: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._edges: np.ndarray | None = None
 
@@ -123,7 +132,9 @@ class FallbackEngine:
         else:
             side = max(target_shape(crop.shape, self.factor))
             cfg = PredictConfig(tile=max(16, side), overlap=0.0, batch_size=1, probabilities=True, probability_dtype="float32", device=self.device)
-            pred = Predictor(self.pack, cfg).predict(crop, rgb=self.data.rgb, mpp=self.image_mpp)
+            predictor = Predictor(self.pack, cfg)
+            with cpu_precision(predictor.device, self.bf16):
+                pred = predictor.predict(crop, rgb=self.data.rgb, mpp=self.image_mpp)
             probs = pred.probabilities
             labels = probs.argmax(axis=0)
         self._cache[key] = (labels, probs)
@@ -221,7 +232,7 @@ class FallbackEngine:
 class GuidedEngine:
     """Clicks with an interactive pack: the click-guided network on a window around the object."""
 
-    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu") -> None:
+    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu", bf16: bool = False) -> None:
         if not pack.interactive:
             raise UsageError(f"Pack '{pack.id}' is not interactive: use the fallback for automatic packs.")
         self.pack, self.data = pack, data
@@ -232,6 +243,7 @@ class GuidedEngine:
         self.image_mpp = mpp if mpp is not None else data.metadata.get("mpp")
         self.factor = scale_factor(self.image_mpp, pack.mpp)
         self.device = resolve_device(device)
+        self.bf16 = bf16
         self.model = pack.model.to(self.device).eval()
         self.channels = adapt_channels(data.array, data.rgb, pack.in_channels, f"'{data.name}'")
         self.stats = pack.normaliser.frame_stats(self.channels)
@@ -268,7 +280,8 @@ class GuidedEngine:
         prev = resample_labels(previous[win.slices].astype(np.uint8), shape)
         guide = encode([c.scaled(self.factor, win.x0, win.y0) for c in clicks], prev, shape, self.radius)
         x = np.concatenate([self.pack.normaliser.apply(crop, self.stats), guide])[None]
-        scores = forward_scores(self.model, torch.from_numpy(x), self.device, self.pack.activation)[0]
+        with cpu_precision(self.device, self.bf16):
+            scores = forward_scores(self.model, torch.from_numpy(x), self.device, self.pack.activation)[0]
         prob = scores[0] if self.pack.activation == "sigmoid" else scores[1]
         prob = prob.cpu().numpy()
         return resample_image(prob, win.shape) if self.factor != 1.0 else prob
@@ -325,12 +338,13 @@ class ClickSession:
     mpp: float | None = None
     rgb: bool | None = None
     device: str = "cpu"
+    bf16: bool = False  # bf16 autocast on the CPU: faster clicks
     steps: list[Step] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data = _prepare(self.image, self.rgb)
         engine = GuidedEngine if self.pack.interactive else FallbackEngine
-        self.engine: GuidedEngine | FallbackEngine = engine(self.pack, self.data, self.mpp, self.device)
+        self.engine: GuidedEngine | FallbackEngine = engine(self.pack, self.data, self.mpp, self.device, self.bf16)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -396,9 +410,10 @@ def segment_clicks(
     mpp: float | None = None,
     rgb: bool | None = None,
     device: str = "cpu",
+    bf16: bool = False,
 ) -> np.ndarray:
     """The object from an image and all its clicks in order (and an optional box first): uint8 0/1, H x W."""
-    session = ClickSession(image, pack, mpp=mpp, rgb=rgb, device=device)
+    session = ClickSession(image, pack, mpp=mpp, rgb=rgb, device=device, bf16=bf16)
     check_clicks(clicks, session.shape)
     if box is not None:
         session.set_box(box)
