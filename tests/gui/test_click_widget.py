@@ -40,6 +40,18 @@ def mouse_click(widget, viewer, row, col, modifiers=()):
         next(gen)
 
 
+def open_dock(make_napari_viewer, image):
+    """A viewer with the frame and the Click dock set to the shipped ultrasound pack on the CPU."""
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="frame")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Click")
+    widget.reset_choices()
+    widget.image.value = viewer.layers["frame"]
+    widget.model.value = "ultrasound-fhps"
+    widget.device.value = "cpu"
+    return viewer, widget
+
+
 def centre(mask):
     from scipy import ndimage
 
@@ -49,13 +61,7 @@ def centre(mask):
 
 def test_two_scripted_clicks_become_a_committed_label(make_napari_viewer, qtbot, sample):
     image, labels = sample
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="frame")
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Click")
-    widget.reset_choices()
-    widget.image.value = viewer.layers["frame"]
-    widget.model.value = "ultrasound-fhps"
-    widget.device.value = "cpu"
+    viewer, widget = open_dock(make_napari_viewer, image)
     assert "automatic" in widget.model_info.value
     assert widget.start() and widget._on_mouse in viewer.mouse_drag_callbacks
 
@@ -86,13 +92,7 @@ def test_two_scripted_clicks_become_a_committed_label(make_napari_viewer, qtbot,
 
 def test_a_click_off_the_image_is_refused_in_one_sentence(make_napari_viewer, qtbot, sample):
     image, _ = sample
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="frame")
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Click")
-    widget.reset_choices()
-    widget.image.value = viewer.layers["frame"]
-    widget.model.value = "ultrasound-fhps"
-    widget.device.value = "cpu"
+    viewer, widget = open_dock(make_napari_viewer, image)
     widget.click(400, 10)
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert "outside the image" in widget.last_message and len(viewer.layers["clicks"].data) == 0
@@ -101,13 +101,7 @@ def test_a_click_off_the_image_is_refused_in_one_sentence(make_napari_viewer, qt
 
 def test_a_drawn_box_segments_inside_it(make_napari_viewer, qtbot, sample):
     image, labels = sample
-    viewer = make_napari_viewer()
-    viewer.add_image(image, name="frame")
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Click")
-    widget.reset_choices()
-    widget.image.value = viewer.layers["frame"]
-    widget.model.value = "ultrasound-fhps"
-    widget.device.value = "cpu"
+    viewer, widget = open_dock(make_napari_viewer, image)
     widget.box_mode.value = True
     rows, cols = np.nonzero(labels == 1)
     box = viewer.layers["click box"]
