@@ -13,6 +13,10 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.draw import line as draw_line
+from skimage.draw import polygon as fill_polygon
+from skimage.feature import peak_local_max
+from skimage.segmentation import watershed
 
 from medseg import metrics
 from medseg.errors import InputError
@@ -121,8 +125,6 @@ def repaint(labels: np.ndarray, y0: int, x0: int, patch: np.ndarray) -> Diff | N
 
 def redraw(labels: np.ndarray, oid: int, box: Box | None, polygon_yx: Sequence[Sequence[float]]) -> Diff | None:
     """Replace object ``oid``'s shape by a drawn polygon (row, col vertices); other objects keep their pixels."""
-    from skimage.draw import polygon as fill_polygon
-
     pts = np.asarray(polygon_yx, dtype=float)
     if pts.ndim != 2 or pts.shape[0] < 3 or pts.shape[1] != 2:
         raise InputError("A redrawn outline needs at least three (row, column) points: draw a closed shape around the object.")
@@ -165,8 +167,6 @@ def _assign_parts(old: np.ndarray, obj: np.ndarray, parts: np.ndarray, oid: int,
 
 def split_line(labels: np.ndarray, oid: int, box: Box, line_yx: Sequence[Sequence[float]], new_ids: Sequence[int]) -> Diff | None:
     """Cut object ``oid`` along a drawn polyline (row, col vertices) into its 8-connected parts."""
-    from skimage.draw import line as draw_line
-
     pts = np.asarray(line_yx, dtype=float).round().astype(np.int64)
     if pts.ndim != 2 or pts.shape[0] < 2 or pts.shape[1] != 2:
         raise InputError("A cutting line needs at least two (row, column) points: draw a line across the object.")
@@ -187,9 +187,6 @@ def split_line(labels: np.ndarray, oid: int, box: Box, line_yx: Sequence[Sequenc
 def split_watershed(labels: np.ndarray, oid: int, box: Box, new_ids: Sequence[int], parts: int = 2) -> Diff | None:
     """Split object ``oid`` into ``parts`` pieces by a watershed on its distance transform, seeded at the
     ``parts`` highest distance peaks (the centres of the touching round objects)."""
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
     region = pad_box(box, 1, labels.shape)
     old = _patch(labels, region)
     obj = old == oid

@@ -88,25 +88,35 @@ def corrected_dataset(sessions: Sequence[str | os.PathLike], folder: str | os.Pa
 
 
 def validation_loss(pack: Any, recipe: Any, cases: Sequence[Any], cancel: CancelToken | None = None) -> Job[float]:
-    """Mean cross-entropy + soft Dice loss (the training loss) of the pack on whole validation tiles at its pixel size."""
+    """The training loss (cross-entropy + soft Dice over the foreground classes) of the pack on the whole
+    validation tiles at its pixel size, pooled over the split as one batch: cross-entropy averaged over
+    all pixels, Dice from the summed overlaps (batch Dice, as in training), so small tiles do not swing it."""
     import torch
+    import torch.nn.functional as F
 
     from medseg.train.datasets import SegmentationDataset
-    from medseg.train.losses import DiceCELoss
 
     data = SegmentationDataset(cases, pack.in_channels, recipe.num_classes, pack.normaliser, recipe.crop, target_mpp=pack.mpp, cache=False)
-    loss_fn = DiceCELoss()
     model = pack.model.eval()
-    losses = []
+    ce_sum, pixels = 0.0, 0
+    inter = np.zeros(recipe.num_classes - 1)
+    denom = np.zeros(recipe.num_classes - 1)
     for i in range(len(data)):
         check_cancel(cancel)
         item = data.load(i)
         x = torch.from_numpy(pack.normaliser.apply(item.image, item.stats))[None]
         y = torch.from_numpy(item.mask.astype(np.int64))[None]
         with torch.inference_mode():
-            losses.append(float(loss_fn(model(x), y)))
-        yield Progress(i + 1, len(data), f"validation loss {i + 1}/{len(data)}")
-    return float(np.mean(losses))
+            logits = model(x).float()
+            ce_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            pixels += y.numel()
+            probs = torch.softmax(logits, dim=1)[0, 1:]
+            onehot = F.one_hot(y[0], recipe.num_classes).permute(2, 0, 1)[1:].float()
+            inter += (probs * onehot).sum((1, 2)).numpy()
+            denom += (probs.sum((1, 2)) + onehot.sum((1, 2))).numpy()
+        yield Progress(i + 1, len(data), f"{i + 1}/{len(data)} tiles")
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return float(ce_sum / max(pixels, 1) + 1.0 - dice.mean())
 
 
 def bump_version(version: str | None) -> str:
@@ -132,6 +142,7 @@ def finetune_iter(
     data_root: str | None = None,
     seed: int = 0,
     freeze_norm: bool = True,
+    replay: bool = True,
     cancel: CancelToken | None = None,
 ) -> Job[FinetuneResult]:
     """Train ``pack`` on the corrected sessions and write the new pack version (see the module docstring)."""
@@ -164,7 +175,7 @@ def finetune_iter(
     before = yield from _relay(validation_loss(resolve(old.path), recipe, val_cases, cancel), "validation loss of the pack")
     cfg = TrainConfig(
         dataset=dataset, data_root=data_root, arch=old.architecture, config=old.config, arch_overrides=manifest.get("overrides"),
-        init_from=str(old.path), train_folder=str(train_folder), freeze_norm=freeze_norm, steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
+        init_from=str(old.path), train_folder=str(train_folder), train_replay=replay, freeze_norm=freeze_norm, steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
         val_limit=val_limit, val_every=val_every or (max(1, steps // 2) if steps else None), workdir=str(workdir), run=run, fresh=True, out=str(out), pack_id=old.id, threads=threads,
         cpu_bf16=bool((training.get("config") or {}).get("cpu_bf16", False)),
         command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --steps {steps}" if steps else f" --minutes {minutes}"),

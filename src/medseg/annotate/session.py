@@ -135,17 +135,32 @@ class History:
 
 
 def scan_objects(labels: np.ndarray, confidence: dict[int, float] | None = None) -> dict[int, ObjectInfo]:
-    """The objects of an instance mask with their area and bounding box (one pass over the mask)."""
+    """The objects of an instance mask with their area and bounding box (one pass, then each object's box)."""
     confidence = confidence or {}
-    boxes = ndimage.find_objects(labels)
-    areas = np.bincount(labels.ravel()) if labels.size else np.zeros(1, np.int64)
     out: dict[int, ObjectInfo] = {}
-    for i, sl in enumerate(boxes, start=1):
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
         c = confidence.get(i, 1.0)
-        out[i] = ObjectInfo(i, "unreviewed", float(c) if c == c else 1.0, int(areas[i]), (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+        area = int(np.count_nonzero(labels[sl] == i))
+        out[i] = ObjectInfo(i, "unreviewed", float(c) if c == c else 1.0, area, (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
     return out
+
+
+def _write_mask(path: Path, labels: np.ndarray) -> None:
+    """The original mask as a TIFF: zstd in 1024-px tiles when imagecodecs is there (fast to reopen), else zlib."""
+    import tifffile
+
+    try:
+        import imagecodecs  # noqa: F401
+
+        options: dict[str, Any] = {"compression": "zstd"}
+    except ImportError:
+        options = {"compression": "zlib"}
+    if min(labels.shape) >= 1024:
+        options["tile"] = (1024, 1024)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, labels, **options)
 
 
 def as_instances(mask: np.ndarray) -> np.ndarray:
@@ -182,24 +197,22 @@ class CorrectionSession:
         self._journal: JournalWriter | None = None
         self.journal_bytes = 0
         self.replayed = 0
+        self.replay_seconds = 0.0
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, folder: str | os.PathLike, mask: np.ndarray, confidence: dict[int, float] | None = None,
                info: dict[str, Any] | None = None, **kwargs: Any) -> "CorrectionSession":
         """Start a new session in ``folder`` from an instance mask (0 = background) and per-object confidences."""
-        import tifffile
-
         folder = Path(folder)
         if (folder / SESSION_FILE).exists():
             raise UsageError(f"'{folder}' already holds a correction session: reopen it, or choose another session folder to start afresh.")
         labels = as_instances(mask)
         objects = scan_objects(labels, confidence)
         meta = {"format": FORMAT, "created": _now(), "shape": list(labels.shape), **(info or {})}
-        meta["objects"] = {str(k): v.confidence for k, v in objects.items()}
+        meta["objects"] = {str(k): [v.confidence, v.area, *v.box] for k, v in objects.items() if v.box is not None}
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ORIGINAL_FILE) as tmp:
-            tifffile.imwrite(tmp, labels, compression="zlib")
+        _write_mask(folder / ORIGINAL_FILE, labels)
         journal = folder / JOURNAL_FILE
         if journal.exists():
             journal.unlink()  # a journal without its session file belongs to nothing
@@ -227,12 +240,17 @@ class CorrectionSession:
             original = as_instances(tifffile.imread(folder / ORIGINAL_FILE))
         except (OSError, ValueError) as exc:
             raise InputError(f"The original mask of session '{folder}' cannot be read ({exc}): the session is damaged.") from exc
-        conf = {int(k): float(v) for k, v in (info.get("objects") or {}).items()}
-        session = cls(folder, info, original, scan_objects(original, conf), **kwargs)
+        known = info.get("objects") or {}
+        try:  # written at creation: confidence, area, box per object (no scan of the mask needed)
+            objects = {int(k): ObjectInfo(int(k), "unreviewed", float(v[0]), int(v[1]), tuple(int(b) for b in v[2:6])) for k, v in known.items()}
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InputError(f"The object table in '{path}' is damaged ({exc}): the session cannot be reopened; start a new one in another folder.") from exc
+        session = cls(folder, info, original, objects, **kwargs)
+        t0 = time.perf_counter()
         records, end = read(folder / JOURNAL_FILE)
         for rec in records:
             session._replay(rec.event, rec.diff)
-        session.replayed = len(records)
+        session.replayed, session.replay_seconds = len(records), time.perf_counter() - t0
         session._start_journal(end)
         return session
 
@@ -392,39 +410,30 @@ class CorrectionSession:
 
     def undo(self) -> Step | None:
         """Revert the last edit (the exact previous array and statuses); None when there is nothing to undo."""
-        if not self.history.undo:
-            return None
-        event = {"kind": "undo", "t": float(self.clock())}
-        step = self._apply_undo(event)
-        self._write(event)
-        return step
+        return self._history_step("undo")
 
     def redo(self) -> Step | None:
-        if not self.history.redo:
+        """Apply the last undone edit again; None when there is nothing to redo."""
+        return self._history_step("redo")
+
+    def _history_step(self, kind: str) -> Step | None:
+        if not (self.history.undo if kind == "undo" else self.history.redo):
             return None
-        event = {"kind": "redo", "t": float(self.clock())}
-        step = self._apply_redo(event)
+        event = {"kind": kind, "t": float(self.clock())}
+        step = self._apply_history(event)
         self._write(event)
         return step
 
-    def _apply_undo(self, event: dict[str, Any]) -> Step | None:
+    def _apply_history(self, event: dict[str, Any]) -> Step | None:
+        """Undo (``kind`` "undo") or redo one step: the diff and the object records of its side."""
         self._tick(event)
-        step = self.history.pop_undo()
+        undo = event["kind"] == "undo"
+        step = self.history.pop_undo() if undo else self.history.pop_redo()
         if step is None:
             return None
         if step.diff is not None:
-            step.diff.revert(self.labels)
-        self._set_objects(step.before)
-        return step
-
-    def _apply_redo(self, event: dict[str, Any]) -> Step | None:
-        self._tick(event)
-        step = self.history.pop_redo()
-        if step is None:
-            return None
-        if step.diff is not None:
-            step.diff.apply(self.labels)
-        self._set_objects(step.after)
+            (step.diff.revert if undo else step.diff.apply)(self.labels)
+        self._set_objects(step.before if undo else step.after)
         return step
 
     # ------------------------------------------------------------------ internals
@@ -524,10 +533,8 @@ class CorrectionSession:
                 diff.apply(self.labels)
             step = Step(event["op"], event.get("args", {}), diff, _int_keys(event["before"]), _int_keys(event["after"]))
             self._apply_step(event, step)
-        elif kind == "undo":
-            self._apply_undo(event)
-        elif kind == "redo":
-            self._apply_redo(event)
+        elif kind in ("undo", "redo"):
+            self._apply_history(event)
         else:
             self._apply_mark(event)
 

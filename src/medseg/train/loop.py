@@ -85,6 +85,7 @@ class TrainConfig:
     val_limit: int | None = 48  # validation cases used during training (all for the final report)
     train_limit: int | None = None  # use only this many training cases (tests, quick trials)
     train_folder: str | None = None  # train on this folder's images/ + masks/ (class indices) instead of the recipe's training split; validation stays the recipe's
+    train_replay: bool = False  # with train_folder: also draw from the recipe's training split (the folder's cases repeated to make half the samples)
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     workdir: str = "work"
     run: str | None = None
@@ -245,6 +246,9 @@ class _Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_path = self.run_dir / CHECKPOINT
         train_cases = folder_cases(cfg.train_folder) if cfg.train_folder else self.recipe.cases("train", cfg.data_root)
+        if cfg.train_folder and cfg.train_replay:
+            original = self.recipe.cases("train", cfg.data_root)
+            train_cases = original + train_cases * max(1, round(len(original) / len(train_cases)))
         self.train_cases = evenly(train_cases, cfg.train_limit)
         self.val_cases = self.recipe.cases("val", cfg.data_root)
         if not self.val_cases:
