@@ -64,9 +64,9 @@ def cluster():
     import dask
     from distributed import LocalCluster
 
-    from medseg.batch import SCHEDULER_CONFIG
+    from medseg.batch import CLUSTER_CONFIG
 
-    with dask.config.set({**SCHEDULER_CONFIG, "distributed.scheduler.allowed-failures": 1}):
+    with dask.config.set({**CLUSTER_CONFIG, "distributed.scheduler.allowed-failures": 1}):
         c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
     yield c
     c.close()
@@ -301,3 +301,6 @@ def test_manifest_with_a_missing_file_and_bad_usage(cohort, cluster, tmp_path, c
     assert code == 1 and "this machine has none" in err and not (tmp_path / "o").exists()
     code, err = run_main(capsys, "batch", str(inputs), "--task", "segment", "--model", PACK, "-o", str(tmp_path / "o"), "--resources", "GPU")
     assert code == 2 and "NAME=AMOUNT" in err
+    code, err = run_main(capsys, "batch", str(inputs), "--task", "segment", "--model", PACK, "-o", str(tmp_path / "o"), "--resources", "GPU=1",
+                         "--scheduler", cluster.scheduler_address)
+    assert code == 1 and "No worker of the cluster" in err and "--resources \"GPU=1\"" in err and not (tmp_path / "o").exists()
