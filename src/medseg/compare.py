@@ -517,8 +517,8 @@ def summary_rows(cases: Mapping[str, Sequence[Mapping[str, Any]]], outputs: Mapp
     """One row per model: costs, then the mean over cases (frames/images) of every score.
 
     Columns: ``model, architecture, params (M), seconds, peak MiB``, then with a reference
-    ``<metric> <class>`` (``Dice``, ``IoU``, ``HD95``, ``ASD``), ``mean Dice``, ``object F1`` and ``|ΔAoP| °`` /
-    ``|ΔHSD| px`` where they apply, and ``pairwise Dice`` (mean Dice with the other models).
+    ``<metric> <class>`` (``Dice``, ``IoU``, ``HD95``, ``ASD``), ``mean Dice``, ``object F1`` and ``abs. ΔAoP °`` /
+    ``abs. ΔHSD px`` where they apply, and ``pairwise Dice`` (mean Dice with the other models).
     Distances undefined on a case (one mask empty) are left out of their mean, as in medseg.metrics.
     """
     rows = []
@@ -537,8 +537,8 @@ def summary_rows(cases: Mapping[str, Sequence[Mapping[str, Any]]], outputs: Mapp
             if any("objects" in c for c in scored):
                 row["object F1"] = _mean(c["objects"]["f1"] for c in scored if "objects" in c)
             if any("biometry" in c for c in scored):
-                row["|ΔAoP| °"] = _mean(c["biometry"]["aop_error"] for c in scored if "biometry" in c)
-                row["|ΔHSD| px"] = _mean(c["biometry"]["hsd_error"] for c in scored if "biometry" in c)
+                row["abs. ΔAoP °"] = _mean(c["biometry"]["aop_error"] for c in scored if "biometry" in c)
+                row["abs. ΔHSD px"] = _mean(c["biometry"]["hsd_error"] for c in scored if "biometry" in c)
                 row["AoP measurable"] = f"{sum(c['biometry']['aop_error'] is not None for c in scored if 'biometry' in c)}/{len(scored)}"
         row["pairwise Dice"] = _mean(c.get("pairwise_dice") for c in model_cases)
         row["n"] = len(model_cases)
@@ -552,7 +552,7 @@ def numeric_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in columns if any(isinstance(r.get(k), (int, float)) for r in rows)]
 
 
-LOWER_IS_BETTER = ("HD95", "ASD", "seconds", "peak MiB", "params (M)", "|ΔAoP| °", "|ΔHSD| px")
+LOWER_IS_BETTER = ("HD95", "ASD", "seconds", "peak MiB", "params (M)", "abs. ΔAoP °", "abs. ΔHSD px")
 
 
 def lower_is_better(column: str) -> bool:
@@ -565,7 +565,7 @@ def format_value(column: str, value: Any) -> str:
     if isinstance(value, float):
         if column == "seconds":
             return f"{value:.3f}"
-        if column in ("params (M)",) or column.startswith(("HD95", "ASD", "|Δ", "peak")):
+        if column in ("params (M)",) or column.startswith(("HD95", "ASD", "abs. Δ", "peak")):
             return f"{value:.2f}"
         return f"{value:.3f}"
     return str(value)
@@ -582,18 +582,22 @@ def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     columns = list(rows[0]) if rows else []
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(map(_cell, columns)) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(format_value(c, r.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(format_value(c, r.get(c))) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def pairwise_markdown(names: Sequence[str], matrix: np.ndarray) -> str:
-    lines = ["| Dice | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines = ["| Dice | " + " | ".join(map(_cell, names)) + " |", "|" + "---|" * (len(names) + 1)]
     for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(f"{matrix[i, j]:.3f}" for j in range(len(names))) + " |")
+        lines.append(f"| {_cell(name)} | " + " | ".join(f"{matrix[i, j]:.3f}" for j in range(len(names))) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -639,7 +643,7 @@ def cases_csv(cases: Mapping[str, Sequence[Mapping[str, Any]]], classes: Mapping
             if "objects" in c:
                 row["object F1"] = c["objects"]["f1"]
             if "biometry" in c:
-                row.update({"|ΔAoP| °": c["biometry"]["aop_error"], "|ΔHSD| px": c["biometry"]["hsd_error"],
+                row.update({"abs. ΔAoP °": c["biometry"]["aop_error"], "abs. ΔHSD px": c["biometry"]["hsd_error"],
                             "pred biometry": c["biometry"]["pred_status"], "ref biometry": c["biometry"]["ref_status"]})
             flat.append(row)
     columns: list[str] = []

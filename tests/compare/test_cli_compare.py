@@ -47,7 +47,7 @@ def test_compare_three_models_with_reference(frames, saved_pack, tmp_path, capsy
     assert shipped["Dice fetal head"] == table["again"]["Dice fetal head"]
     assert float(table["test-unet"]["mean Dice"]) < float(shipped["mean Dice"])  # untrained
     assert float(shipped["params (M)"]) == pytest.approx(1.31, abs=0.01) and float(shipped["seconds"]) > 0
-    assert shipped["|ΔAoP| °"] != ""
+    assert shipped["abs. ΔAoP °"] != ""
     with open(out / "pairwise.csv", encoding="utf-8") as fh:
         pairs = {r["model"]: r for r in csv.DictReader(fh)}
     assert float(pairs["ultrasound-fhps"]["again"]) == 1.0
