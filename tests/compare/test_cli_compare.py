@@ -29,8 +29,13 @@ def test_compare_three_models_with_reference(frames, saved_pack, tmp_path, capsy
     images, labels = frames
     out = tmp_path / "out"
     code = main(["compare", *images, "--models", f"ultrasound-fhps,{saved_pack},again=ultrasound-fhps", "--reference", str(labels),
-                 "-o", str(out), "--device", "cpu", "--threads", "1"])
+                 "-o", str(out), "--device", "cpu", "--threads", "1", "--probabilities"])
     assert code == 0
+    import tifffile
+
+    probs = tifffile.imread(out / "ultrasound-fhps" / f"{FRAMES[0]}-probabilities.tif")
+    assert probs.shape == (3, 256, 256) and probs.dtype == np.float16
+    np.testing.assert_allclose(probs.astype(np.float32).sum(axis=0), 1.0, atol=0.01)
     for model in ("ultrasound-fhps", "test-unet", "again"):
         for f in FRAMES:
             mask = read_labels(out / model / f"{f}.png")

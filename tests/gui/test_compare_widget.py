@@ -166,3 +166,25 @@ def test_refusals_are_sentences(viewer_and_widget, qtbot):
     assert widget.run() is None and "choose the Labels layer drawn on this image" in widget.last_message
     assert widget.add_pack_folder("/nonexistent") is None and "not a pack folder" in widget.last_message
     assert widget.adopt() is None and "run a comparison first" in widget.last_message
+
+
+def test_stack_current_frame_in_the_field_of_view(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    stack = np.stack([frame(), frame()[:, ::-1], frame()[::-1]])
+    image = viewer.add_image(stack, name="loop")
+    viewer.dims.set_current_step(0, 2)
+    viewer.camera.center = (0, 128, 128)
+    viewer.camera.zoom = 2 * viewer.camera.zoom  # about half the frame on screen
+    widget.reset_choices()
+    widget.image.value = image
+    widget.models.value = ["ultrasound-fhps", TEST_PACK]
+    widget.region.value = "field of view"
+    run_and_wait(qtbot, widget)
+    result = widget.result
+    assert result is not None, widget.last_message
+    out = result.output("ultrasound-fhps").labels
+    assert out.shape[0] == 1 and out.shape[1] < 256 and out.shape[2] <= 256  # one frame, part of it
+    assert [c["frame"] for c in result.cases["ultrasound-fhps"]] == [2]
+    layer = widget._layers["ultrasound-fhps"]
+    assert layer.data.shape[0] == 3 and not layer.data[:2].any()  # the compared frame sits at its place in the stack
+    np.testing.assert_array_equal(layer.data[2], out[0])
