@@ -49,7 +49,7 @@ from medseg.errors import InputError, ModelError, UsageError
 from medseg.io.atomic import atomic_path, atomic_write_text
 from medseg.io.images import ImageData, describe_array
 from medseg.measure.biometry import aop_hsd, biometry_errors
-from medseg.metrics import binary_metrics, dice, instances, object_f1
+from medseg.metrics import binary_metrics, dice, object_f1
 from medseg.models import count_parameters
 from medseg.train.packs import Pack, resolve
 
