@@ -435,7 +435,8 @@ def main() -> None:
         shipped = load_list(args.packs)
     else:
         folder = resources_dir() / "packs"
-        shipped = [load_pack(p) for name, p in sorted(available_packs().items()) if p.parent == folder]
+        # multi-sequence packs take several images per case: benchmarks/multiseq.py scores them
+        shipped = [load_pack(p) for name, p in sorted(available_packs().items()) if p.parent == folder and not read_manifest(p).get("sequences")]
     tried = load_list(args.tried)
     if not shipped and not tried:
         sys.exit(f"No packs to evaluate: {resources_dir() / 'packs'} holds none; give --packs or --tried.")

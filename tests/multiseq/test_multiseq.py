@@ -95,3 +95,12 @@ def test_cli_end_to_end_on_a_real_subject(tmp_path, capsys):
     code = main(["multiseq", "--model", "cardiac-myops", "--lge", str(subject / "DE.nii.gz"), "-o", str(out), "--device", "cpu"])
     assert code == 0 and "C0, T2 absent" in capsys.readouterr().err
     assert dice(read_nifti(out).array == 500, ref.array == 500) > 0.5
+
+
+def test_single_image_predictor_refuses_a_multi_sequence_pack(tiny_pack):
+    from medseg.engine import Predictor
+    from medseg.errors import ModelError
+    from medseg.train.packs import load_pack
+
+    with pytest.raises(ModelError, match="medseg multiseq"):
+        Predictor(load_pack(tiny_pack))

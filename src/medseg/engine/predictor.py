@@ -18,7 +18,7 @@ import torch
 
 from medseg.engine.devices import autocast, resolve_device
 from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run_sync
-from medseg.errors import InputError, UsageError
+from medseg.errors import InputError, ModelError, UsageError
 from medseg.io.images import ImageData, describe_array
 from medseg.normalise import adapt_channels, check_not_constant
 from medseg.resample import resample_image, resample_labels, scale_factor, target_shape
@@ -146,6 +146,11 @@ class Predictor:
     """Tiled, batched, blended inference of a :class:`Pack` on images and frame stacks."""
 
     def __init__(self, pack: Pack, config: PredictConfig | None = None) -> None:
+        if pack.manifest.get("sequences"):
+            raise ModelError(
+                f"Pack '{pack.id}' takes several co-registered sequences per case ({', '.join(pack.manifest['sequences'])}), not one image: "
+                "use 'medseg multiseq' or the Multi-sequence dock."
+            )
         self.pack = pack
         self.config = config or PredictConfig(tile=pack.tile, overlap=pack.overlap)
         self.config.validate()
