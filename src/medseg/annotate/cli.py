@@ -83,7 +83,7 @@ def add_finetune_parser(sub) -> None:
         "finetune",
         help="fine-tune a pack on corrected sessions and write a new pack version",
         description="Train a pack further on the images and corrected masks of correction sessions (its own training loop, starting from its weights, "
-        "batch-norm statistics kept), validate on the pack's validation split, and write a new pack version whose manifest holds its validation "
+        "by default mixed half and half with the pack's training split, batch-norm statistics kept), validate on the pack's validation split, and write a new pack version whose manifest holds its validation "
         "numbers next to the previous version's.",
     )
     p.add_argument("--pack", required=True, help="the pack to fine-tune (id or folder)")
@@ -92,6 +92,8 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--minutes", type=float, help="training time budget (instead of --steps)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--no-replay", dest="replay", action="store_false", help="train on the corrected tiles only (default: half the samples from the pack's training split)")
+    p.add_argument("--adapt-norm", dest="freeze_norm", action="store_false", help="let batch-norm statistics follow the new tiles (default: kept; adapt them for a new tissue or scanner)")
     p.add_argument("--workdir", default="work", help="folder for the run (default work/)")
     p.add_argument("--data-root", help="folder holding the pack's dataset (default MEDSEG_DATA or ../shared/data)")
     p.add_argument("-o", "--output", help="pack folder to write (default WORKDIR/packs/<pack>-<version>)")
@@ -103,7 +105,7 @@ def run_finetune(args) -> int:
     from medseg.cli import _say, drive
 
     job = finetune_iter(args.pack, args.session, out=args.output, steps=args.steps, minutes=args.minutes, lr=args.lr, threads=args.threads,
-                        workdir=args.workdir, data_root=args.data_root)
+                        workdir=args.workdir, data_root=args.data_root, replay=args.replay, freeze_norm=args.freeze_norm)
     r = drive(job, desc=f"finetune {args.pack}", unit="step")
     _say(f"pack {r.pack_path} (version {r.version}): {r.steps} steps on {r.tiles} corrected tile(s) in {r.seconds:.0f} s")
     _say(f"validation loss {r.val_loss_before:.4f} -> {r.val_loss_after:.4f}")
