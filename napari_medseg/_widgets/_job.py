@@ -177,4 +177,25 @@ class JobRunner:
             self.status.value = message
 
 
-__all__ = ["JobRunner", "Refused", "refusing"]
+class JobDock:
+    """What every dock with a :class:`JobRunner` in ``self.jobs`` offers its users and tests."""
+
+    jobs: JobRunner
+
+    def cancel(self, _value=None) -> None:
+        """Ask the running job to stop at its next check."""
+        self.jobs.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self.jobs.running
+
+    @property
+    def last_message(self) -> str:
+        return self.jobs.last_message
+
+    def _report(self, message: str, level: str = "status") -> None:
+        self.jobs.report(message, level)
+
+
+__all__ = ["JobDock", "JobRunner", "Refused", "refusing"]

@@ -24,8 +24,8 @@ from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Pro
 from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
 from medseg.train.packs import available_packs, read_manifest, resolve
-from napari_medseg._widgets._common import class_colormap, device_choices
-from napari_medseg._widgets._job import JobRunner, Refused, refusing
+from napari_medseg._widgets._common import chosen_manifest, class_colormap, device_choices
+from napari_medseg._widgets._job import JobDock, JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -81,7 +81,7 @@ def segment_job(request: SegmentRequest, cancel: CancelToken | None = None) -> G
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
-class SegmentWidget(Container):
+class SegmentWidget(JobDock, Container):
     """Segment an image layer (the current frame or all frames) with a model pack."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:  # napari passes the viewer by this name
@@ -143,14 +143,9 @@ class SegmentWidget(Container):
         self.frames.enabled = layer is not None and layer.ndim == 3
 
     def _on_model_changed(self, _value=None) -> None:
-        pack_id = self.model.value
-        if pack_id is None:
-            self.model_info.value = "no pack installed: add a folder of packs to MEDSEG_MODELS"
-            return
-        try:
-            manifest = read_manifest(available_packs()[pack_id])
-        except (KeyError, MedsegError) as exc:
-            self.model_info.value = str(exc)
+        manifest, reason = chosen_manifest(self.model.value, "no pack installed: add a folder of packs to MEDSEG_MODELS")
+        if manifest is None:
+            self.model_info.value = reason
             return
         self.tile.value = int(manifest.get("tile", self.tile.value))
         self.overlap.value = float(manifest.get("overlap", self.overlap.value))
@@ -184,17 +179,6 @@ class SegmentWidget(Container):
         return self.jobs.start(segment_job, self._request, description=f"Segmenting {what}{layer.name} with {self.model.value}",
                                on_result=self._on_result, on_done=self._on_done)
 
-    def cancel(self, _value=None) -> None:
-        """Ask the running job to stop after its current batch."""
-        self.jobs.cancel()
-
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     # ------------------------------------------------------------------ job outcome (GUI thread)
     def _on_result(self, prediction: Prediction) -> None:
@@ -205,8 +189,6 @@ class SegmentWidget(Container):
         self._request = None
         self._source = None
 
-    def _report(self, message: str, level: str) -> None:
-        self.jobs.report(message, level)
 
     def _current_frame(self, layer: Image) -> int:
         index = layer.world_to_data(self._viewer.dims.point)[0]

@@ -44,7 +44,7 @@ from medseg.measure.ultrasound import (
 )
 from medseg.train.packs import available_packs, read_manifest
 from napari_medseg._widgets._common import class_colormap, device_choices
-from napari_medseg._widgets._job import JobRunner, refusing
+from napari_medseg._widgets._job import JobDock, JobRunner, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -102,7 +102,7 @@ summarise_job = refusing(summarise_loop_iter)
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
-class UltrasoundWidget(Container):
+class UltrasoundWidget(JobDock, Container):
     """Segment PS and FH with a pack (or take a Labels layer), measure AoP/HSD per frame, draw and tabulate them."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -328,9 +328,6 @@ class UltrasoundWidget(Container):
         self._report(f"{len(result.key_frames)} key frame(s) of {len(result.scores)}: {', '.join(map(str, result.key_frames))} "
                      f"({measurable} show both structures)", "status")
 
-    def cancel(self, _value=None) -> None:
-        self.jobs.cancel()
-
     def export_csv(self, path: str | Path | None = None) -> Path | None:
         """Write the table (all measured frames, in frame order) as CSV; returns the path or None."""
         if not self.rows:
@@ -345,13 +342,6 @@ class UltrasoundWidget(Container):
         self._report(f"{len(self.rows)} frame(s) written to {out}", "info")
         return out
 
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     # ------------------------------------------------------------------ job outcome (GUI thread)
     def _on_result(self, outcome: UltrasoundResult | Measured) -> None:
@@ -567,8 +557,6 @@ class UltrasoundWidget(Container):
         self._report(message, "error")
         return None
 
-    def _report(self, message: str, level: str) -> None:
-        self.jobs.report(message, level)
 
     def _current_frame_of(self, layer: Image | Labels | None) -> int:
         """The frame of ``layer`` on screen (0 for 2-D layers)."""

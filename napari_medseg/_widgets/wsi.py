@@ -28,7 +28,7 @@ from medseg.measure.objects import SlideObject, slide_objects, write_csv
 from medseg.train.packs import available_packs, read_manifest, resolve
 from napari_medseg._slide_io import result_layer_data, slide_layer_data
 from napari_medseg._widgets._common import device_choices
-from napari_medseg._widgets._job import JobRunner, Refused, refusing
+from napari_medseg._widgets._job import JobDock, JobRunner, Refused, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -70,7 +70,7 @@ def wsi_job(request: WsiRequest, cancel: CancelToken | None = None) -> Generator
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
-class WsiWidget(Container):
+class WsiWidget(JobDock, Container):
     """Whole-slide inference, objects and export."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -144,14 +144,9 @@ class WsiWidget(Container):
         return choices
 
     def _on_model_changed(self, _value=None) -> None:
-        pack_id = self.model.value
-        if pack_id is None:
-            self.model_info.value = "no pack installed: add a folder of packs to MEDSEG_MODELS"
-            return
-        try:
-            manifest = read_manifest(available_packs()[pack_id])
-        except (KeyError, MedsegError) as exc:
-            self.model_info.value = str(exc)
+        manifest, reason = chosen_manifest(self.model.value, "no pack installed: add a folder of packs to MEDSEG_MODELS")
+        if manifest is None:
+            self.model_info.value = reason
             return
         mpp = manifest.get("mpp")
         area = ((manifest.get("postprocess") or {}).get("min_object_area_um2")) or 0.0
@@ -216,13 +211,6 @@ class WsiWidget(Container):
             self.jobs.cancel()
             self.status.value = "cancelling (finished chunks are kept; run again to resume)..."
 
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     # ------------------------------------------------------------------ regions
     def _fov_region(self, layer: Image) -> tuple[int, int, int, int]:
@@ -342,8 +330,6 @@ class WsiWidget(Container):
         self._report(f"{len(self.objects)} objects written to {out}", "info")
 
     # ------------------------------------------------------------------ helpers
-    def _report(self, message: str, level: str) -> None:
-        self.jobs.report(message, level)
 
 
 def _clip_region(box: np.ndarray, layer: Image) -> tuple[int, int, int, int]:
