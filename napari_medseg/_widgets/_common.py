@@ -1,4 +1,5 @@
-"""Small pieces every medseg dock uses: the device choices and a class colour map for result layers."""
+"""Small pieces every medseg dock uses: the device choices, the chosen pack's manifest and a class colour map
+for result layers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
+def chosen_manifest(pack_id: str | None, none_installed: str) -> tuple[dict[str, Any] | None, str]:
+    """The manifest of the pack chosen in a dock, or ``(None, the sentence to show instead)``."""
+    from medseg.errors import MedsegError
+    from medseg.train.packs import available_packs, read_manifest
+
+    if pack_id is None:
+        return None, none_installed
+    try:
+        return read_manifest(available_packs()[pack_id]), ""
+    except (KeyError, MedsegError) as exc:
+        return None, str(exc)
+
+
 def class_colormap(classes: Iterable[Any]) -> DirectLabelColormap:
     """A Labels colour map with each class's colour (objects with ``value`` and ``color``); background transparent."""
     colours: dict[int | None, Any] = {None: TRANSPARENT}
@@ -27,4 +41,4 @@ def class_colormap(classes: Iterable[Any]) -> DirectLabelColormap:
     return DirectLabelColormap(color_dict=colours)
 
 
-__all__ = ["TRANSPARENT", "class_colormap", "device_choices"]
+__all__ = ["TRANSPARENT", "chosen_manifest", "class_colormap", "device_choices"]

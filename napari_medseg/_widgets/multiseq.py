@@ -21,8 +21,8 @@ from medseg.errors import MedsegError
 from medseg.multiseq import SEQUENCES, MultiseqResult, segment_study_iter, study_from_arrays
 from medseg.train.packs import available_packs, read_manifest
 from napari_medseg._nifti_io import from_layer_array, to_layer_array
-from napari_medseg._widgets._common import class_colormap, device_choices
-from napari_medseg._widgets._job import JobRunner, refusing
+from napari_medseg._widgets._common import chosen_manifest, class_colormap, device_choices
+from napari_medseg._widgets._job import JobDock, JobRunner, refusing
 
 if TYPE_CHECKING:
     import napari
@@ -63,7 +63,7 @@ def multiseq_job(request: MultiseqRequest, cancel: CancelToken | None = None) ->
     return (yield from segment_study_iter(study, request.pack_id, request.device, cancel))
 
 
-class MultiseqWidget(Container):
+class MultiseqWidget(JobDock, Container):
     """Segment a cardiac MRI study from whichever of its sequences are open as image layers."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -126,14 +126,9 @@ class MultiseqWidget(Container):
                     break
 
     def _on_model_changed(self, _value=None) -> None:
-        pack_id = self.model.value
-        if pack_id is None:
-            self.model_info.value = "no multi-sequence pack installed: add a folder of packs to MEDSEG_MODELS"
-            return
-        try:
-            manifest = read_manifest(available_packs()[pack_id])
-        except (KeyError, MedsegError) as exc:
-            self.model_info.value = str(exc)
+        manifest, reason = chosen_manifest(self.model.value, "no multi-sequence pack installed: add a folder of packs to MEDSEG_MODELS")
+        if manifest is None:
+            self.model_info.value = reason
             return
         names = ", ".join(str(c.get("name")) for c in manifest.get("classes", []) if c.get("value"))
         self.model_info.value = f"takes {', '.join(manifest.get('sequences', []))}; classes: {names}"
@@ -150,14 +145,14 @@ class MultiseqWidget(Container):
         if self.jobs.running:
             return None
         if self.model.value is None:
-            self.jobs.report("No multi-sequence pack is installed: add a folder of packs to MEDSEG_MODELS, then reopen this widget.", "error")
+            self._report("No multi-sequence pack is installed: add a folder of packs to MEDSEG_MODELS, then reopen this widget.", "error")
             return None
         chosen = {s: box.value for s, box in self.sequence_boxes.items() if box.value is not None}
         if not chosen:
-            self.jobs.report("No sequence given: assign at least one image layer to C0, LGE or T2.", "error")
+            self._report("No sequence given: assign at least one image layer to C0, LGE or T2.", "error")
             return None
         if len(set(map(id, chosen.values()))) < len(chosen):
-            self.jobs.report("One layer is assigned to two sequences: give each sequence its own layer.", "error")
+            self._report("One layer is assigned to two sequences: give each sequence its own layer.", "error")
             return None
         geometry = {s: layer_geometry(layer) for s, layer in chosen.items()}
         request = MultiseqRequest(
@@ -171,17 +166,6 @@ class MultiseqWidget(Container):
         self._reference = next(iter(chosen.values()))
         return self.jobs.start(multiseq_job, request, description=f"Segmenting {', '.join(chosen)} with {self.model.value}",
                                on_result=self._on_result)
-
-    def cancel(self, _value=None) -> None:
-        self.jobs.cancel()
-
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     # ------------------------------------------------------------------ result (GUI thread)
     def _on_result(self, result: MultiseqResult) -> None:

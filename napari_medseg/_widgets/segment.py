@@ -21,9 +21,8 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label,
 from napari.layers import Image, Labels
 
 from medseg.engine import CancelToken, PredictConfig, Prediction, Predictor, Progress
-from medseg.errors import MedsegError
 from medseg.io import ImageData, describe_array
-from medseg.train.packs import available_packs, read_manifest, resolve
+from medseg.train.packs import available_packs, resolve
 from napari_medseg._widgets._common import chosen_manifest, class_colormap, device_choices
 from napari_medseg._widgets._job import JobDock, JobRunner, Refused, refusing
 

@@ -25,9 +25,9 @@ from medseg.engine.progress import CancelToken, Progress
 from medseg.engine.wsi import SlideConfig, SlideResult, segment_slide_iter
 from medseg.errors import MedsegError
 from medseg.measure.objects import SlideObject, slide_objects, write_csv
-from medseg.train.packs import available_packs, read_manifest, resolve
+from medseg.train.packs import available_packs, resolve
 from napari_medseg._slide_io import result_layer_data, slide_layer_data
-from napari_medseg._widgets._common import device_choices
+from napari_medseg._widgets._common import chosen_manifest, device_choices
 from napari_medseg._widgets._job import JobDock, JobRunner, Refused, refusing
 
 if TYPE_CHECKING:

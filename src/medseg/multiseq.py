@@ -23,7 +23,7 @@ import numpy as np
 from medseg.engine.progress import CancelToken, Job, Progress, check_cancel
 from medseg.errors import InputError, ModelError
 from medseg.normalise import Normaliser, check_not_constant
-from medseg.resample import resample_image, target_shape
+from medseg.resample import resample_image
 
 SEQUENCES = ("C0", "LGE", "T2")
 SEQUENCE_TITLES = {"C0": "bSSFP cine (C0)", "LGE": "late gadolinium enhancement (LGE)", "T2": "T2-weighted"}

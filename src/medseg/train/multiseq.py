@@ -46,7 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -456,7 +456,7 @@ class _Run:
         parts["loss"] = float(loss.detach())
         return parts
 
-    def run(self, cancel: CancelToken | None) -> Job["MultiseqResult"]:
+    def run(self, cancel: CancelToken | None) -> Job["MultiseqTrainResult"]:
         cfg = self.cfg
         if self.ckpt_path.exists() and not (cfg.resume or cfg.fresh):
             raise UsageError(f"Run '{cfg.run_name}' already has a checkpoint ({self.ckpt_path}): resume it, start fresh, or choose another run name.")
@@ -519,7 +519,7 @@ class _Run:
         seconds = elapsed_before + time.perf_counter() - t0
         return (yield from self.finish(model, step, seconds, history))
 
-    def finish(self, model: nn.Module, step: int, seconds: float, history: list) -> Job["MultiseqResult"]:
+    def finish(self, model: nn.Module, step: int, seconds: float, history: list) -> Job["MultiseqTrainResult"]:
         cfg = self.cfg
         model = model.eval()
         state = {k: (v.half().float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
