@@ -127,7 +127,13 @@ def main() -> None:
         "### Every sequence subset\n\n" + subset_table(reports, packs),
         "### The issue's targets (all three sequences)\n\n" + targets_table(reports, packs),
         "### What dropping one sequence costs\n\n" + drop_one_table(reports, packs),
-        "### Training (exact commands)\n\n" + training_table(packs),
+        "### Training (exact commands)\n\n" + training_table(packs) + "\n\nA manifest records the command of the run's last session: a run "
+        "stops after `--minutes` with a checkpoint and continues with `--resume` (a run that shows `--resume` started with `--fresh` and "
+        "otherwise the same flags). Times are wall-clock seconds on 2 CPU cores shared with other training (load average 11-18), so they "
+        "measure the machine's load more than the networks; the budget that is the same for both is the step schedule (steps, batch, "
+        "data stream, missing-sequence draws). Per step DMAF-Net trains the fused prediction of the incomplete and of the complete input "
+        "(both with deep supervision), the unimodal decoders and the distillation terms, so it gets more gradient signal per step than "
+        "the U-Net and costs about 3x its time per step.",
     ])
     write_section("Multi-sequence cardiac MRI with missing sequences (MyoPS)", body, "python " + shlex.join(["benchmarks/multiseq.py", *sys.argv[1:]]))
     print(body)
