@@ -155,7 +155,9 @@ def run(size: int, reps: int, replay_edits: int, folder: Path) -> tuple[str, dic
     again.close()
     facts = {"objects": n_objects, "create_s": create_s, "journal_bytes": journal, "records": records, "reopen_s": reopen, "read_original_s": read_original, "replay_s": replay_s,
              "undo": ms(undo_all), "redo": ms(redo_all)}
+    load = os.getloadavg()[0]
     body = [
+        f"Load average while it ran: {load:.1f} on {os.cpu_count()} cores (other jobs shared the machine), so times are upper bounds. "
         f"Mask {size} x {size} (uint32), {n_objects} objects; each edit timed on {reps} objects, journal fsync included; "
         f"undo of all edits restored the model's mask exactly. Creating the session (scan, original.tif written) took {create_s:.1f} s.",
         "",

@@ -91,7 +91,7 @@ class CorrectWidget(Container):
         self._viewer = napari_viewer
         self.session: CorrectionSession | None = None
         self.layer: Labels | None = None
-        self.previous_id: int | None = None
+        self._syncing = False
 
         self.folder = FileEdit(label="session", mode="d", tooltip="a correction session folder (made by 'medseg correct' or by Start)")
         self.open_button = PushButton(text="Open session")
@@ -100,6 +100,7 @@ class CorrectWidget(Container):
         self.start_button = PushButton(text="Start session from layers")
         self.counts = Label(label="progress", value="no session")
         self.current = Label(label="object", value="")
+        self.objects = ComboBox(label="objects", choices=self._object_choices, tooltip="the objects, least sure first: choose one to go to it")
         self.merge_with = SpinBox(label="merge with", min=0, max=2**31 - 1, value=0, tooltip="G merges the current object with this one (the object shown before, by default)")
         buttons = [("◀ prev", "previous"), ("next ▶", "next"), ("accept", "accept"), ("reject", "reject"), ("merge", "merge"),
                    ("split", "split"), ("redraw", "redraw"), ("fill holes", "fill_holes"), ("undo", "undo"), ("redo", "redo")]
@@ -121,17 +122,18 @@ class CorrectWidget(Container):
         self.progress = ProgressBar(label="", min=0, max=1, value=0)
         self.status = Label(label="", value="")
         self.status.native.setWordWrap(True)
-        self.extend([self.folder, self.open_button, self.image, self.mask, self.start_button, self.counts, self.current, self.merge_with, *rows,
+        self.extend([self.folder, self.open_button, self.image, self.mask, self.start_button, self.counts, self.current, self.objects, self.merge_with, *rows,
                      self.export_button, self.pack, self.steps, Container(widgets=[self.finetune_button, self.cancel_button], layout="horizontal", labels=False),
                      self.progress, self.status])
         self.jobs = JobRunner(run_buttons=[self.finetune_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
         self.open_button.changed.connect(lambda _v=None: self.open_folder(self.folder.value))
         self.start_button.changed.connect(self.start_from_layers)
         self.export_button.changed.connect(self.export)
+        self.objects.changed.connect(self._on_object_chosen)
         self.finetune_button.changed.connect(self.finetune)
         self.cancel_button.changed.connect(lambda _v=None: self.jobs.cancel())
         for emitter in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            emitter.connect(self.reset_choices)
+            emitter.connect(self._reset_layer_choices)
         self._bind_keys(napari_viewer)
         self.native.destroyed.connect(lambda *_: self._close())
 
@@ -141,6 +143,34 @@ class CorrectWidget(Container):
 
     def _labels_choices(self, _w=None):
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Labels) and layer is not self.layer]
+
+    def _reset_layer_choices(self, _event=None) -> None:
+        self._syncing = True  # new layers change the layer lists, never the current object
+        try:
+            self.reset_choices()
+        finally:
+            self._syncing = False
+
+    def _object_choices(self, _w=None):
+        s = self.session
+        if s is None:
+            return []
+        return [(f"{i} · {s.objects[i].status} · {s.objects[i].confidence:.2f}", i) for i in s.order()]
+
+    def _on_object_chosen(self, oid) -> None:
+        s = self.session
+        if s is None or oid is None or oid == s.current or self._syncing:
+            return
+        try:
+            before = s.current
+            s.goto(int(oid))
+        except MedsegError as exc:
+            self.jobs.report(str(exc), "error")
+            return
+        if before is not None:
+            self.merge_with.value = before
+        self._centre(int(oid))
+        self._refresh_text()
 
     def _pack_choices(self, _w=None):
         from medseg.train.packs import available_packs
@@ -166,9 +196,7 @@ class CorrectWidget(Container):
 
     def start_from_layers(self, _value=None) -> CorrectionSession | None:
         """Start a session from the chosen image and objects layers, in the folder under 'session'."""
-        from medseg.annotate.session import as_instances
-        from medseg.annotate.sources import mask_from_file  # noqa: F401  (same rules as files: binary masks become objects)
-        from medseg import metrics
+        from medseg.annotate.sources import objects_of
 
         image, mask = self.image.value, self.mask.value
         folder = self.folder.value
@@ -179,7 +207,11 @@ class CorrectWidget(Container):
         if data.shape != np.asarray(image.data).shape[:2]:
             self.jobs.report(f"Layer '{mask.name}' is {data.shape} but '{image.name}' is {np.asarray(image.data).shape[:2]}: choose the objects of this image.", "error")
             return None
-        labels = metrics.instances(data > 0).astype(np.uint32) if np.unique(data).size <= 2 else as_instances(data)
+        try:
+            labels = objects_of(data)
+        except MedsegError as exc:
+            self.jobs.report(str(exc), "error")
+            return None
         source = getattr(image, "source", None)
         info = {"image": str(source.path) if source is not None and source.path else None, "region": None,
                 "mpp": (image.metadata.get("medseg") or {}).get("mpp") if isinstance(image.metadata, dict) else None,
@@ -244,7 +276,6 @@ class CorrectWidget(Container):
             self.jobs.report("No objects left to review.")
             return False
         if before is not None and before != oid:
-            self.previous_id = before
             self.merge_with.value = before
         self._centre(oid)
         return False
@@ -261,7 +292,7 @@ class CorrectWidget(Container):
 
     def _do_merge(self, s: CorrectionSession) -> bool:
         other = int(self.merge_with.value)
-        keep = s._target(None)
+        keep = s.target()
         return s.merge(keep, other) is not None
 
     def _last_shape(self, kinds: tuple[str, ...]) -> np.ndarray | None:
@@ -279,7 +310,7 @@ class CorrectWidget(Container):
 
     def _do_split(self, s: CorrectionSession) -> bool:
         line = self._last_shape(("line", "path"))
-        oid = s._target(None)
+        oid = s.target()
         step = s.split_line(oid, line) if line is not None else s.split_watershed(oid)
         self._clear_cuts()
         return step is not None
@@ -289,7 +320,7 @@ class CorrectWidget(Container):
         if polygon is None:
             self.jobs.report("Draw the new outline as a polygon in the 'cuts' layer, then press D.", "error")
             return False
-        step = s.redraw(s._target(None), polygon)
+        step = s.redraw(s.target(), polygon)
         self._clear_cuts()
         return step is not None
 
@@ -348,6 +379,13 @@ class CorrectWidget(Container):
         self.current.value = "" if obj is None else f"{obj.id}: {obj.status}, confidence {obj.confidence:.2f}, {obj.area} px"
         self.buttons["undo"].enabled = s.can_undo
         self.buttons["redo"].enabled = s.can_redo
+        self._syncing = True  # the list follows the session without moving it
+        try:
+            self.objects.reset_choices()
+            if s.current in s.objects:
+                self.objects.value = s.current
+        finally:
+            self._syncing = False
 
     # ------------------------------------------------------------------ outputs
     def export(self, _value=None) -> dict | None:

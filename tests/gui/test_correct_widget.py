@@ -52,8 +52,9 @@ def test_review_with_keys(make_napari_viewer, qtbot, session_folder):
     layer = viewer.layers["corrected"]
     assert layer.data is widget.session.labels  # napari's tools edit the working copy itself
 
+    assert widget.objects.choices[0] == 3 and widget.session.current is None  # the list, least sure first
     press(qtbot, viewer, Qt.Key.Key_N)  # least sure first: object 3 (0.3)
-    assert widget.session.current == 3
+    assert widget.session.current == 3 and widget.objects.value == 3
     assert np.allclose(viewer.camera.center[-2:], (16.0, 127.0))
     press(qtbot, viewer, Qt.Key.Key_R)  # reject 3
     press(qtbot, viewer, Qt.Key.Key_N)  # -> 1 (0.55)
@@ -69,7 +70,8 @@ def test_review_with_keys(make_napari_viewer, qtbot, session_folder):
     assert widget.session.current == 2
     press(qtbot, viewer, Qt.Key.Key_H)  # fill its hole
     assert (layer.data[85, 40] == 2)
-    press(qtbot, viewer, Qt.Key.Key_N)  # -> 4 (0.95)
+    widget.objects.value = 4  # choosing in the list goes there too
+    assert widget.session.current == 4
     press(qtbot, viewer, Qt.Key.Key_A)  # accept 4
     assert counts(widget) == (0, 1, 2, 1, 1)
     widget.merge_with.value = 2
@@ -81,7 +83,8 @@ def test_review_with_keys(make_napari_viewer, qtbot, session_folder):
     layer.selected_label = 9
     layer.paint((110, 10), 9)
     assert widget.session.objects[9].status == "added" and widget.session.can_undo
-    assert "1 added" not in widget.counts.value  # now two added objects
+    assert widget.session.objects[9].area == int((layer.data == 9).sum()) > 0
+    assert counts(widget) == (0, 0, 3, 1, 2) and "2 added" in widget.counts.value  # 4 took 2 in: edited
     snapshot = widget.session.labels.copy()
     statuses = {i: o.status for i, o in widget.session.objects.items()}
     written = widget.export()

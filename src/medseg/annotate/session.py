@@ -336,7 +336,7 @@ class CorrectionSession:
     # ------------------------------------------------------------------ edits
     def accept(self, oid: int | None = None) -> Step | None:
         """Mark the object as looked at and right (an edited or added object keeps its status)."""
-        oid = self._target(oid)
+        oid = self.target(oid)
         obj = self._object(oid)
         if obj.status != "unreviewed":
             return None
@@ -346,7 +346,7 @@ class CorrectionSession:
 
     def reject(self, oid: int | None = None) -> Step | None:
         """Delete the object (a false detection)."""
-        oid = self._target(oid)
+        oid = self.target(oid)
         obj = self._live(oid)
         return self._pixels("reject", {"id": oid}, edits.delete(self.labels, oid, obj.box))
 
@@ -366,13 +366,13 @@ class CorrectionSession:
 
     def split_watershed(self, oid: int | None = None, parts: int = 2) -> Step | None:
         """Split touching objects drawn as one at their waist (watershed on the distance transform)."""
-        oid = self._target(oid)
+        oid = self.target(oid)
         obj = self._live(oid)
         ids = self._fresh_ids(parts - 1)
         return self._pixels("split_watershed", {"id": oid, "parts": parts}, edits.split_watershed(self.labels, oid, obj.box, ids, parts), split_of=oid)
 
     def fill_holes(self, oid: int | None = None) -> Step | None:
-        oid = self._target(oid)
+        oid = self.target(oid)
         obj = self._live(oid)
         return self._pixels("fill_holes", {"id": oid}, edits.fill_holes(self.labels, oid, obj.box))
 
@@ -437,7 +437,8 @@ class CorrectionSession:
         return step
 
     # ------------------------------------------------------------------ internals
-    def _target(self, oid: int | None) -> int:
+    def target(self, oid: int | None = None) -> int:
+        """``oid``, or the current object when it is None (refused when there is none)."""
         if oid is None:
             if self.current is None:
                 raise UsageError("No object is selected: move to one first (next/previous) or pick it in the list.")

@@ -86,10 +86,15 @@ def mask_from_file(path: str | os.PathLike, shape: tuple[int, int] | None = None
         arr = arr[y : y + h, x : x + w]
     if shape is not None and arr.shape != tuple(shape):
         raise InputError(f"Mask '{Path(path).name}' is {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}: give the mask of this image.")
-    values = np.unique(arr)
-    if values.size <= 2:
-        return metrics.instances(arr > 0).astype(np.uint32)
-    return as_instances(arr)
+    return objects_of(arr)
+
+
+def objects_of(mask: np.ndarray) -> np.ndarray:
+    """Instance ids of a mask array: one foreground value -> its 8-connected objects; several values -> taken as ids."""
+    mask = np.asarray(mask)
+    if np.unique(mask).size <= 2:
+        return metrics.instances(mask > 0).astype(np.uint32)
+    return as_instances(mask)
 
 
 def mask_from_geojson(path: str | os.PathLike, shape: tuple[int, int], region: Region | None = None) -> tuple[np.ndarray, dict[int, float]]:
@@ -200,4 +205,4 @@ def open_session_iter(
     return CorrectionSession.create(folder, labels, confidence, info, **kwargs)
 
 
-__all__ = ["default_folder", "instances_with_confidence", "load_image", "mask_from_file", "mask_from_geojson", "open_session_iter", "parse_region", "predict_objects_iter", "read_source_image"]
+__all__ = ["default_folder", "objects_of", "instances_with_confidence", "load_image", "mask_from_file", "mask_from_geojson", "open_session_iter", "parse_region", "predict_objects_iter", "read_source_image"]
