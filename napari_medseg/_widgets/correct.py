@@ -429,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Correct")
     if widget.open_folder(args[0]) is None:
         print(f"medseg: error: {widget.jobs.last_message}", file=sys.stderr)
+        viewer.close()
         return 1
     widget.act("next")
     napari.run()

@@ -114,3 +114,19 @@ def test_split_along_a_drawn_line_and_refusals(make_napari_viewer, qtbot, sessio
     assert widget.session.labels[35, 35] != widget.session.labels[35, 63]
     assert len(viewer.layers["cuts"].data) == 0
     assert counts(widget)[4] == 1
+
+
+def test_launcher_opens_the_dock_on_a_session(qtbot, session_folder, monkeypatch):
+    """What 'medseg correct' runs: napari with the Correct dock on the session, at the least sure object."""
+    import napari
+
+    from napari_medseg._widgets.correct import main
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    assert main([str(session_folder)]) == 0
+    viewer = napari.current_viewer()
+    try:
+        assert "corrected" in viewer.layers and viewer.layers["corrected"].selected_label == 3
+    finally:
+        viewer.close()
+    assert main([str(session_folder.parent / "nothing")]) == 1  # one sentence on stderr, the viewer closed

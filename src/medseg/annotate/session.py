@@ -114,18 +114,13 @@ class History:
         self.nbytes += step.nbytes
         self._trim()
 
-    def pop_undo(self) -> Step | None:
-        if not self.undo:
+    def pop(self, kind: str) -> Step | None:
+        """Move the newest step from the undo stack to the redo stack (``"undo"``) or back (``"redo"``)."""
+        source, target = (self.undo, self.redo) if kind == "undo" else (self.redo, self.undo)
+        if not source:
             return None
-        step = self.undo.pop()
-        self.redo.append(step)
-        return step
-
-    def pop_redo(self) -> Step | None:
-        if not self.redo:
-            return None
-        step = self.redo.pop()
-        self.undo.append(step)
+        step = source.pop()
+        target.append(step)
         return step
 
     def _trim(self) -> None:
@@ -428,7 +423,7 @@ class CorrectionSession:
         """Undo (``kind`` "undo") or redo one step: the diff and the object records of its side."""
         self._tick(event)
         undo = event["kind"] == "undo"
-        step = self.history.pop_undo() if undo else self.history.pop_redo()
+        step = self.history.pop(event["kind"])
         if step is None:
             return None
         if step.diff is not None:
