@@ -73,3 +73,22 @@ def test_manifest_naming_another_architecture_is_refused(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="does not match"):
         load_pack(folder)
+
+
+def test_available_packs_lists_segmentation_packs_unless_asked_for_every_kind(saved_pack):
+    import json
+
+    from medseg.train.packs import available_packs, find_pack
+
+    encoder = saved_pack.parent / "report-encoder"
+    encoder.mkdir()
+    (encoder / "manifest.json").write_text(json.dumps({"id": "report-encoder", "kind": "cmcgns-encoder"}))
+    broken = saved_pack.parent / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    listed = available_packs()
+    assert "test-unet" in listed and "broken" in listed  # a broken pack is listed so that loading it says why
+    assert "report-encoder" not in listed
+    assert "report-encoder" in available_packs(kind=None)
+    assert available_packs(kind="cmcgns-encoder").keys() >= {"report-encoder"}
+    assert find_pack("report-encoder") == encoder

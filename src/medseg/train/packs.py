@@ -96,16 +96,30 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-def available_packs() -> dict[str, Path]:
-    """Pack id -> folder, earlier search folders winning."""
+def available_packs(kind: str | None = "segmentation") -> dict[str, Path]:
+    """Pack id -> folder, earlier search folders winning.
+
+    Only packs of ``kind`` (the manifest's ``kind``; segmentation packs have none): image-report
+    encoders written by ``medseg pretrain`` are packs too, but they segment nothing. ``None`` lists
+    every pack. A manifest that cannot be read is listed, so that loading it says what is wrong.
+    """
     found: dict[str, Path] = {}
     for d in search_dirs():
         if not d.is_dir():
             continue
         for sub in sorted(d.iterdir()):
-            if (sub / MANIFEST).is_file() and sub.name not in found:
+            if (sub / MANIFEST).is_file() and sub.name not in found and (kind is None or _pack_kind(sub) in (kind, None)):
                 found[sub.name] = sub
     return found
+
+
+def _pack_kind(folder: Path) -> str | None:
+    """The manifest's kind (``segmentation`` when it says none); ``None`` when the manifest is unreadable."""
+    try:
+        manifest = read_manifest(folder)
+    except (ModelError, OSError):
+        return None
+    return str(manifest.get("kind", "segmentation")) if isinstance(manifest, dict) else None
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -119,7 +133,7 @@ def find_pack(name: str | os.PathLike) -> Path:
     path = Path(name)
     if (path / MANIFEST).is_file():
         return path
-    packs = available_packs()
+    packs = available_packs(kind=None)
     if str(name) in packs:
         return packs[str(name)]
     raise UsageError(
