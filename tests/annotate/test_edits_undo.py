@@ -117,3 +117,18 @@ def test_unknown_object_and_self_merge(session):
         session.merge(1, 1)
     with pytest.raises(UsageError, match="No object is selected"):
         session.accept()
+
+
+def test_an_added_object_taken_away_again_leaves_no_trace(session):
+    step = session.split_watershed(1)
+    part = next(i for i in step.after if i != 1)
+    assert session.counts()["added"] == 1
+    session.merge(1, part)  # the split undone by hand
+    assert part not in session.objects and session.counts()["added"] == 0
+    assert session.objects[1].status == "edited"
+    session.undo()
+    assert session.objects[part].status == "added"
+    drawn = session.paint(100, 120, np.full((5, 5), 30, np.uint32))
+    assert drawn.after[30]["status"] == "added"
+    session.paint(100, 120, np.zeros((5, 5), np.uint32))  # erased again
+    assert 30 not in session.objects and session.counts()["rejected"] == 0

@@ -130,3 +130,33 @@ def test_launcher_opens_the_dock_on_a_session(qtbot, session_folder, monkeypatch
     finally:
         viewer.close()
     assert main([str(session_folder.parent / "nothing")]) == 1  # one sentence on stderr, the viewer closed
+
+
+def test_finetune_button_runs_off_the_gui_thread(make_napari_viewer, qtbot, session_folder, monkeypatch, medseg_models):
+    """The button runs the core fine-tuning job through the dock's JobRunner (the job itself is replaced
+    by a short one here; tests/annotate/test_finetune.py runs the real one)."""
+    import threading
+    from pathlib import Path
+
+    import medseg.annotate.finetune as finetune
+    from medseg.engine import Progress
+
+    seen = {}
+
+    def fake_job(pack, sessions, steps=None, cancel=None, **kw):
+        seen.update(pack=pack, sessions=[Path(s) for s in sessions], steps=steps, thread=threading.current_thread())
+        yield Progress(1, 2, "step 1")
+        return finetune.FinetuneResult(Path("new-pack"), "1.1.0", {}, {}, 0.7, 0.5, 1, steps, 1.0)
+
+    monkeypatch.setattr(finetune, "finetune_iter", fake_job)
+    viewer = make_napari_viewer()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    widget.open_folder(session_folder)
+    widget.reset_choices()
+    widget.pack.value = "test-unet"
+    widget.steps.value = 7
+    widget.finetune_button.changed.emit(None)
+    qtbot.waitUntil(lambda: not widget.jobs.running, timeout=30_000)
+    assert seen["pack"] == "test-unet" and seen["sessions"] == [session_folder] and seen["steps"] == 7
+    assert seen["thread"] is not threading.main_thread()
+    assert "1.1.0" in widget.status.value and "0.7000 -> 0.5000" in widget.status.value

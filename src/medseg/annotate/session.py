@@ -469,7 +469,7 @@ class CorrectionSession:
             delta[i] = delta.get(i, 0) - n
         for i, n in zip(ids_new.tolist(), n_new.tolist()):
             delta[i] = delta.get(i, 0) + n
-        after: dict[int, ObjectInfo] = {}
+        after: dict[int, ObjectInfo | None] = {}
         for i in sorted(set(ids_old.tolist()) | set(ids_new.tolist())):
             if i == 0:
                 continue
@@ -483,6 +483,9 @@ class CorrectionSession:
             obj.box = edits.tight_box(self.labels[region[0] : region[2], region[1] : region[3]] == i, region[:2]) if obj.area > 0 else None
             if obj.area <= 0:
                 obj.area, obj.box = 0, None
+                if obj.origin != "model":  # an object the annotator made and took away again was never there
+                    after[i] = None
+                    continue
                 if merged is not None and i == merged[0]:
                     obj.status, obj.merged_into = "edited", merged[1]
                 else:
@@ -492,9 +495,9 @@ class CorrectionSession:
             after[i] = obj
         return self._commit(op, args, diff, after)
 
-    def _commit(self, op: str, args: dict[str, Any], diff: Diff | None, after: dict[int, ObjectInfo]) -> Step:
+    def _commit(self, op: str, args: dict[str, Any], diff: Diff | None, after: dict[int, ObjectInfo | None]) -> Step:
         before = {i: (self.objects[i].to_dict() if i in self.objects else None) for i in after}
-        step = Step(op, args, diff, before, {i: o.to_dict() for i, o in after.items()})
+        step = Step(op, args, diff, before, {i: (o.to_dict() if o is not None else None) for i, o in after.items()})
         event = {"kind": "edit", "op": op, "args": args, "t": float(self.clock()),
                  "before": {str(k): v for k, v in step.before.items()}, "after": {str(k): v for k, v in step.after.items()}}
         self._apply_step(event, step)
