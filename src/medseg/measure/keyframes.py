@@ -27,7 +27,6 @@ import torch
 
 from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run_sync
 from medseg.errors import InputError, ModelError
-from medseg.models.blocks import pad_to_multiple
 from medseg.resample import resample_image
 
 DEFAULT_SUMMARISER = "ultrasound-keyframes"

@@ -54,7 +54,7 @@ from medseg.measure.keyframes import DEFAULT_RATIO, frame_features_iter, score_l
 from medseg.models.fulltransnet import FullTransNet, pointer_loss, segment_global_mask
 from medseg.train.datasets import read_case_image
 from medseg.train.loop import seed_everything
-from medseg.train.multitask import displace
+from medseg.train.multitask import checkpoint, displace, resume
 from medseg.train.packs import ClassInfo, Pack, resolve, save_pack
 from medseg.train.recipes import get_recipe
 
@@ -198,12 +198,7 @@ def train_iter(cfg: KeyframeConfig, bank: dict[str, Any]) -> Job[FullTransNet]:
     model.feature_std.copy_(torch.from_numpy(feats.std(0) + 1e-6))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     path = cfg.run_dir / "ckpt.pt"
-    step, history = 0, []
-    if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
+    step, history = resume(path, model, opt)
     running: list[float] = []
     while step < cfg.steps:
         rng = np.random.default_rng([cfg.seed, 8, step])
@@ -219,9 +214,7 @@ def train_iter(cfg: KeyframeConfig, bank: dict[str, Any]) -> Job[FullTransNet]:
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             history.append({"step": step, "loss": float(np.mean(running))})
             running = []
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history}, tmp)
+            checkpoint(path, model, opt, None, step, history)
             yield Progress(step, cfg.steps, f"loss {history[-1]['loss']:.5f}")
     model.eval()
     return model

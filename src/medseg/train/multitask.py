@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,8 +154,23 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+def resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None) -> tuple[int, list[dict[str, Any]]]:
+    """Restore a run's checkpoint if there is one; returns (step, history), (0, []) for a fresh run."""
+    if not path.is_file():
+        return 0, []
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    return int(ckpt["step"]), list(ckpt["history"])
+
+
+def checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int, history: list[dict[str, Any]]) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "history": history}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    _save(path, state)
 
 
 # --------------------------------------------------------------------------- stage 1: masked-image modelling
@@ -210,13 +224,7 @@ def pretrain_iter(cfg: MultitaskConfig, cancel: CancelToken | None = None) -> Jo
     opt = torch.optim.AdamW(mae.parameters(), lr=cfg.mim_lr, weight_decay=0.05, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, max(1, int(cfg.warmup * cfg.steps)), 0.01))
     path = cfg.run_dir / CHECKPOINT
-    step, history = 0, []
-    ckpt = _load(path)
-    if ckpt is not None:
-        mae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
+    step, history = resume(path, mae, opt, sched)
     t0 = time.perf_counter()
     running = []
     while step < cfg.steps:
@@ -234,7 +242,7 @@ def pretrain_iter(cfg: MultitaskConfig, cancel: CancelToken | None = None) -> Jo
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             history.append({"step": step, "loss": float(np.mean(running)), "seconds": time.perf_counter() - t0})
             running = []
-            _save(path, {"model": mae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history})
+            checkpoint(path, mae, opt, sched, step, history)
             yield Progress(step, cfg.steps, f"MIM loss {history[-1]['loss']:.4f}")
             if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60 and step < cfg.steps:
                 return path  # resumable: run again to continue
@@ -340,13 +348,7 @@ def train_iter(cfg: MultitaskConfig, cancel: CancelToken | None = None) -> Job[T
     opt = torch.optim.AdamW([{"params": groups[g], "lr": lrs[g]} for g in groups if groups[g]], weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, max(1, int(cfg.warmup * cfg.steps)), 0.005))
     path = cfg.run_dir / CHECKPOINT
-    step, history = 0, []
-    ckpt = _load(path)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, history = int(ckpt["step"]), list(ckpt["history"])
+    step, history = resume(path, model, opt, sched)
     steps_per_epoch = max(1, len(ds) // cfg.batch_size)
     t0 = time.perf_counter()
     running: dict[str, list[float]] = {t: [] for t in TASKS}
@@ -370,7 +372,7 @@ def train_iter(cfg: MultitaskConfig, cancel: CancelToken | None = None) -> Job[T
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             history.append({"step": step, "seconds": time.perf_counter() - t0, **{t: float(np.mean(v)) for t, v in running.items() if v}})
             running = {t: [] for t in TASKS}
-            _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history})
+            checkpoint(path, model, opt, sched, step, history)
             yield Progress(step, cfg.steps, " ".join(f"{k} {v:.3f}" for k, v in history[-1].items() if k in TASKS))
             if cfg.max_minutes and time.perf_counter() - t0 > cfg.max_minutes * 60 and step < cfg.steps:
                 return model
@@ -489,9 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="pack folder (train; default <workdir>/<run>/pack)")
     parser.add_argument("--pack", default=None, help="pack to evaluate (evaluate)")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--freeze-percent", type=float, default=None,
+                        help="ablation: freeze only the first share of the encoder blocks (the official code's 0.7); default: all frozen")
     args = parser.parse_args(argv)
     cfg = MultitaskConfig(config=args.config, workdir=args.workdir, encoder=args.encoder, max_minutes=args.max_minutes, threads=args.threads, out=args.out,
                           command="python -m medseg.train.multitask " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    if args.freeze_percent is not None:
+        cfg.overrides = {"freeze_percent": args.freeze_percent}
     cfg.run = args.run or {"pretrain": "tapslf-mim", "train": "tapslf", "evaluate": "tapslf"}[args.stage]
     if args.steps:
         cfg.steps = args.steps
