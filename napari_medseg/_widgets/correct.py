@@ -234,7 +234,8 @@ class CorrectWidget(Container):
                 viewer.layers.remove(name)
         if image is not None:
             viewer.add_image(image, name=Path(session.info.get("image") or "image").stem, rgb=image.ndim == 3 and image.shape[-1] in (3, 4))
-        viewer.add_labels(session.original, name=MODEL, visible=False, opacity=0.4)
+        model = viewer.add_labels(session.original, name=MODEL, visible=False, opacity=0.4)
+        model.editable = False  # the model's mask is kept as it was
         self.layer = viewer.add_labels(session.labels, name=CORRECTED, opacity=0.5)
         viewer.add_shapes(name=CUTS, edge_color="yellow", edge_width=2, face_color="transparent", ndim=2)
         self.layer.events.paint.connect(self._on_paint)

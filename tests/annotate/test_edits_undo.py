@@ -132,3 +132,12 @@ def test_an_added_object_taken_away_again_leaves_no_trace(session):
     assert drawn.after[30]["status"] == "added"
     session.paint(100, 120, np.zeros((5, 5), np.uint32))  # erased again
     assert 30 not in session.objects and session.counts()["rejected"] == 0
+
+
+def test_the_original_is_kept_apart(tmp_path):
+    mask = scene()
+    s = CorrectionSession.create(tmp_path / "s", mask)
+    s.reject(3)
+    assert mask.flags.writeable and (mask == 3).any()  # the caller's array is neither frozen nor edited
+    assert not s.original.flags.writeable and (s.original == 3).any() and not (s.labels == 3).any()
+    s.close()

@@ -203,6 +203,8 @@ class CorrectionSession:
         if (folder / SESSION_FILE).exists():
             raise UsageError(f"'{folder}' already holds a correction session: reopen it, or choose another session folder to start afresh.")
         labels = as_instances(mask)
+        if labels is mask:  # the session keeps the original read-only: never freeze the caller's array
+            labels = labels.copy()
         objects = scan_objects(labels, confidence)
         meta = {"format": FORMAT, "created": _now(), "shape": list(labels.shape), **(info or {})}
         meta["objects"] = {str(k): [v.confidence, v.area, *v.box] for k, v in objects.items() if v.box is not None}
