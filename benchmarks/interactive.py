@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6, help="latency repeats per setting")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the accuracy part")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU for the accuracy part too")
+    ap.add_argument("--tasks", default=",".join(t[0] for t in TASKS), help="datasets to run (psfhs, glomeruli, polyp); the section is written only for all three")
     ap.add_argument("--click-packs", default="", help="comma-separated folders of interactive packs not installed (e.g. work/click-ultrasound-fhps/pack)")
     args = ap.parse_args()
     for folder in [f for f in args.click_packs.split(",") if f]:
@@ -147,7 +148,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, notes = [], []
     t0 = time.perf_counter()
-    for recipe_name, split, auto_id, click_id, one, in TASKS:
+    for recipe_name, split, auto_id, click_id, one, in [t for t in TASKS if t[0] in args.tasks.split(",")]:
         n_cases, runs, has_guided = run_task(recipe_name, split, auto_id, click_id, one, args.images, args.max_clicks, args.bf16)
         if not has_guided:
             notes.append(f"{click_id}: not trained yet, so no interactive row for {recipe_name}.")
@@ -184,7 +185,15 @@ def main() -> None:
         f"Accuracy part: {'bf16 autocast' if args.bf16 else 'float32'}, {accuracy_s / 60:.1f} min with {args.threads} thread(s) on a shared 2-core machine (other jobs running); latencies measured under the same load.",
     ]
     body += [f"- {n}" for n in notes]
-    write_section("Click segmentation: number of clicks and latency", "\n".join(body))
+    trained = [p for p in (load(t[3]) for t in TASKS) if p is not None]
+    if trained:
+        body += ["", "How the interactive packs were trained (from their manifests; threads 1, on the same shared CPU):", ""]
+        for p in trained:
+            t = p.manifest.get("training", {})
+            body.append(f"- `{p.id}`: {t.get('steps')} steps in {t.get('seconds', 0) / 60:.1f} min ({t.get('batch_size')} crops of {t.get('crop')} px per step), "
+                        f"from `{t.get('init_from', {}).get('pack')}`: `{p.manifest.get('command')}`")
+    if len(args.tasks.split(",")) == len(TASKS):
+        write_section("Click segmentation: number of clicks and latency", "\n".join(body))
     print("\n".join(body))
 
 

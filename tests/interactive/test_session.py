@@ -158,11 +158,17 @@ def test_a_negative_click_on_an_object_holding_positive_clicks_removes_only_its_
     session = ClickSession(image, bright_pack())
     session.add(Click(35, 40))
     assert iou(session.mask, ids > 0) > 0.95
-    step = session.add(Click(90, 40, positive=False))
-    assert step.mask[40, 35] and not step.mask[40, 90]
+    step = session.add(Click(78, 40, positive=False))  # deep in the right disk: its whole side goes
+    assert step.mask[40, 35] and not step.mask[40, 78]
     left = np.zeros_like(ids, bool)
     left[:, :57] = True
     assert iou(step.mask, (ids > 0) & left) > 0.85
+    session.undo()
+    step = session.add(Click(92, 40, positive=False))  # near the right edge: only a band along that edge goes
+    assert step.mask[40, 35] and step.mask[40, 74] and not step.mask[40, 92]
+    assert 0 < (ids > 0).sum() - step.mask.sum() < 0.25 * ((ids > 0) & ~left).sum()
+    again = session.add(Click(93, 44))  # a positive click in what was removed brings that part back
+    assert again.mask[40, 92]
 
 
 def test_bf16_clicks_give_the_same_object_as_float32():

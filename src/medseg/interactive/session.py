@@ -5,9 +5,12 @@
   the pack's pixel size) and the new mask replaces the old one inside that window.
 - With an **automatic pack** (the fallback), a positive click runs the pack on a window around the
   click with the same :class:`~medseg.engine.Predictor` users run, and adds the connected object under
-  the click (of the class under the click); a negative click removes the connected region of the
-  current object it lands in (when that region also holds positive clicks, only the part a marker
-  watershed on the image's edges gives to the negative clicks); a drag box keeps the largest object the pack finds inside that rectangle
+  the click (of the class under the click), or, when the pack sees no object there but the object
+  exists, grows the object towards the click (a band along its edge as thick as the click is far); a
+  negative click removes the connected region of the current object it lands in (when that region
+  also holds positive clicks, only the part along the edge, on the negative click's side of a marker
+  watershed on the pack's doubt and the image's edges); what negative clicks removed stays removed
+  unless a positive click lands in it; a drag box keeps the largest object the pack finds inside that rectangle
   (the network sees the box with up to one training tile of context around it). Window
   predictions are cached, so further clicks in the same window cost no network run.
 
@@ -37,7 +40,8 @@ from medseg.train.packs import Pack
 
 WINDOW = 512  # side of the fallback's window around a click, in the pack's pixels
 MARGIN = 0.4  # the interactive window covers the object's box plus this share on every side
-COMPACTNESS = 0.01  # negative-click split: edge strength (0..1) traded against distance in pixels
+COMPACTNESS = 0.01  # negative-click split: landscape height (doubt 0..1 + edges) traded against distance in pixels
+EDGE_WEIGHT = 0.5  # negative-click split: weight of the image's edges (0..1) beside the pack's doubt (0..1)
 _EIGHT = np.ones((3, 3), bool)
 
 
@@ -51,6 +55,7 @@ class Step:
     seconds: float = 0.0  # wall-clock
     cpu_seconds: float = 0.0  # CPU time of this process (all its threads)
     ran_network: bool = False
+    removed: np.ndarray | None = None  # fallback: pixels negative clicks took out (kept out unless clicked again)
 
 
 @dataclass
@@ -143,8 +148,9 @@ class FallbackEngine:
     def _window_for(self, cy: float, cx: float, side_image: tuple[int, int]) -> Window:
         return window_around(cy, cx, side_image[0], side_image[1], self.shape, self.factor)
 
-    def object_at(self, click: Click) -> tuple[np.ndarray, str, bool]:
-        """Full-size mask of the connected object under a positive click (empty with a note if none)."""
+    def object_at(self, click: Click) -> tuple[np.ndarray, str, bool, bool]:
+        """Full-size mask of the connected object under a positive click (empty with a note if none),
+        the note, whether the network ran, and whether the pack itself labels the click as an object."""
         side = int(round(WINDOW / self.factor))
         win = self._window_for(click.y, click.x, (side, side))
         ran = False
@@ -153,14 +159,15 @@ class FallbackEngine:
             ran |= did
             r, c = click.row - win.y0, click.col - win.x0
             cls = int(labels[r, c])
+            direct = cls != 0
             if cls == 0:
                 if probs.shape[0] < 2:
-                    return np.zeros(self.shape, bool), "the model sees no object under the click", ran
+                    return np.zeros(self.shape, bool), "the model sees no object under the click", ran, False
                 cls = int(np.argmax(probs[1:, r, c])) + 1
                 p = float(probs[cls, r, c])
                 if p < 0.05:
                     name = self.pack.classes[cls].name if cls < len(self.pack.classes) else "object"
-                    return np.zeros(self.shape, bool), f"the model sees no object under the click (at most {p:.2f} {name}); try a drag box or more positive clicks", ran
+                    return np.zeros(self.shape, bool), f"the model sees no object under the click (at most {p:.2f} {name}); try a drag box or more positive clicks", ran, False
                 region = probs[cls] >= p / 2
             else:
                 region = labels == cls
@@ -173,23 +180,45 @@ class FallbackEngine:
             win = self._window_for(cy, cx, (2 * win.shape[0], 2 * win.shape[1]))
         out = np.zeros(self.shape, bool)
         out[win.slices] = obj
-        return out, f"{self.pack.classes[cls].name}", ran
+        return out, f"{self.pack.classes[cls].name}", ran, direct
 
-    def step(self, mask: np.ndarray, clicks: Sequence[Click]) -> Step:
+    def step(self, mask: np.ndarray, clicks: Sequence[Click], removed: np.ndarray | None = None) -> Step:
+        """Apply the last of ``clicks`` to ``mask``; ``removed`` holds what earlier negative clicks took out."""
         click = clicks[-1]
+        removed = np.zeros(self.shape, bool) if removed is None else removed
         if click.positive:
-            obj, note, ran = self.object_at(click)
-            return Step(mask | obj, click, note, ran_network=ran)
+            if mask[click.row, click.col]:
+                return Step(mask.copy(), click, "the click is inside the current object already", removed=removed)
+            obj, note, ran, direct = self.object_at(click)
+            if mask.any() and not direct:  # a part the pack missed, next to the object: grow the object there
+                obj, note = self.grow_towards(mask, click), "grew the object towards the click"
+            elif removed[click.row, click.col]:  # taken out before, wanted back: only the part under this click
+                obj = obj & component_at(removed, click.row, click.col)
+            else:
+                obj = obj & ~removed
+            obj[click.row, click.col] = bool(obj.any())
+            return Step(mask | obj, click, note, ran_network=ran, removed=removed & ~obj)
         if not mask[click.row, click.col]:
-            return Step(mask.copy(), click, "the negative click is outside the current object: nothing to remove")
+            return Step(mask.copy(), click, "the negative click is outside the current object: nothing to remove", removed=removed)
         region = component_at(mask, click.row, click.col)
         kept = [c for c in clicks[:-1] if c.positive and region[c.row, c.col]]
-        if kept:  # the region also holds positive clicks: remove only the part on the negative click's side
+        if kept:  # the region also holds positive clicks: remove only the border part on the negative click's side
             region = self.split_off(region, kept, [c for c in clicks if not c.positive and region[c.row, c.col]])
-        return Step(mask & ~region, click, "removed the region under the negative click")
+            region &= _near_edge(mask, click, outside=False)
+        return Step(mask & ~region, click, "removed the region under the negative click", removed=removed | region)
+
+    def grow_towards(self, mask: np.ndarray, click: Click) -> np.ndarray:
+        """The band between the object and a positive click outside it, as thick as the click is far."""
+        band = _near_edge(mask, click, outside=True)
+        return component_at(band, click.row, click.col)
 
     def split_off(self, region: np.ndarray, positives: Sequence[Click], negatives: Sequence[Click]) -> np.ndarray:
-        """The part of ``region`` that a marker watershed on the image's edges gives to the negative clicks."""
+        """The part of ``region`` that a marker watershed gives to the negative clicks.
+
+        The landscape is the pack's doubt about the object's class (1 - its probability) plus the
+        image's edges: the positive clicks claim what the pack is sure of, the negative clicks the
+        less certain part around them, split along edges where the doubt is alike.
+        """
         from skimage.filters import sobel
         from skimage.segmentation import watershed
 
@@ -200,13 +229,26 @@ class FallbackEngine:
             grey = grey.mean(axis=-1) if self.data.rgb else grey
             edges = sobel(ndimage.gaussian_filter(grey, 1.0))
             self._edges = edges / max(float(edges.max()), 1e-6)
+        doubt = np.full((y1 - y0, x1 - x0), 0.5, np.float32)
+        side = int(round(WINDOW / self.factor))
+        neg = negatives[-1]
+        win = self._window_for(neg.y, neg.x, (side, side))
+        labels, probs, _ = self.predict(win)
+        inside = [c for c in positives if win.y0 <= c.row < win.y1 and win.x0 <= c.col < win.x1]
+        cls = int(labels[inside[0].row - win.y0, inside[0].col - win.x0]) if inside else 0
+        if cls == 0:
+            cls = int(np.argmax(probs[1:, neg.row - win.y0, neg.col - win.x0])) + 1 if probs.shape[0] > 1 else 0
+        oy0, oy1, ox0, ox1 = max(y0, win.y0), min(y1, win.y1), max(x0, win.x0), min(x1, win.x1)
+        if cls and oy0 < oy1 and ox0 < ox1:
+            doubt[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = 1.0 - probs[cls, oy0 - win.y0 : oy1 - win.y0, ox0 - win.x0 : ox1 - win.x0]
         markers = np.zeros((y1 - y0, x1 - x0), np.int32)
         for c in positives:
             markers[c.row - y0, c.col - x0] = 1
         for c in negatives:
             markers[c.row - y0, c.col - x0] = 2
+        landscape = doubt + EDGE_WEIGHT * self._edges[y0:y1, x0:x1]
         # compact: on flat, noisy insides the split follows distance (plain flooding lets one seed leak everywhere)
-        basins = watershed(self._edges[y0:y1, x0:x1], markers, mask=region[y0:y1, x0:x1], compactness=COMPACTNESS)
+        basins = watershed(landscape, markers, mask=region[y0:y1, x0:x1], compactness=COMPACTNESS)
         out = np.zeros(region.shape, bool)
         out[y0:y1, x0:x1] = basins == 2
         return out
@@ -286,7 +328,7 @@ class GuidedEngine:
         prob = prob.cpu().numpy()
         return resample_image(prob, win.shape) if self.factor != 1.0 else prob
 
-    def step(self, mask: np.ndarray, clicks: Sequence[Click]) -> Step:
+    def step(self, mask: np.ndarray, clicks: Sequence[Click], removed: np.ndarray | None = None) -> Step:
         win = self.window(mask, clicks)
         pred = self.probability(win, clicks, mask) > 0.5
         pred = self._keep_clicked(pred, [c for c in clicks if win.y0 <= c.row < win.y1 and win.x0 <= c.col < win.x1], win)
@@ -315,6 +357,26 @@ class GuidedEngine:
         step = self.step(np.zeros(self.shape, bool), [centre])
         step.click = box
         return step
+
+
+def _near_edge(mask: np.ndarray, click: Click, outside: bool) -> np.ndarray:
+    """Pixels on one side of the object's edge (outside or inside it) no deeper than 1.5 x the click's
+    depth, within 4 x that depth of the click: where a corrective click says the edge is wrong."""
+    side = ~mask if outside else mask
+    r = 6
+    for _ in range(2):  # the click's depth, measured in a crop that must hold the other side
+        y0, y1 = max(0, click.row - 8 * r), min(mask.shape[0], click.row + 8 * r + 1)
+        x0, x1 = max(0, click.col - 8 * r), min(mask.shape[1], click.col + 8 * r + 1)
+        depth = ndimage.distance_transform_edt(side[y0:y1, x0:x1])
+        d = float(depth[click.row - y0, click.col - x0])
+        if d < 7 * r:
+            break
+        r = int(d)
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    near = side[y0:y1, x0:x1] & (depth <= 1.5 * d + 1) & ((yy - click.row) ** 2 + (xx - click.col) ** 2 <= (4 * d + 2) ** 2)
+    out = np.zeros(mask.shape, bool)
+    out[y0:y1, x0:x1] = near
+    return out
 
 
 def _box_mask(box: Box, shape: tuple[int, int]) -> np.ndarray:
@@ -369,7 +431,7 @@ class ClickSession:
     def add(self, click: Click) -> Step:
         check_clicks([click], self.shape)
         t, cpu = time.perf_counter(), time.process_time()
-        step = self.engine.step(self.mask, self.clicks + [click])
+        step = self.engine.step(self.mask, self.clicks + [click], self.steps[-1].removed if self.steps else None)
         step.seconds, step.cpu_seconds = time.perf_counter() - t, time.process_time() - cpu
         self.steps.append(step)
         return step
