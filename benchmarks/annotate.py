@@ -167,8 +167,8 @@ def run(size: int, reps: int, replay_edits: int, folder: Path) -> tuple[str, dic
         "",
         f"Replay: {replay_edits} mixed edits (32x32 paints, accepts, rejects, hole fills; an undo and redo every 10th) made a journal of "
         f"{journal / 1e6:.2f} MB ({journal / max(records, 1):.0f} bytes/record over {records} records). Reading and replaying the journal took "
-        f"**{replay_s:.2f} s** ({1000 * replay_s / max(records, 1):.2f} ms/record); reopening in all {reopen:.2f} s, of which {read_original:.2f} s is reading "
-        f"the original mask ({size}x{size} uint32) and the rest copying it into the working copy. The replayed working copy equals the live one.",
+        f"**{replay_s:.2f} s** ({1000 * replay_s / max(records, 1):.2f} ms/record); reopening in all {reopen:.2f} s: {read_original:.2f} s reading "
+        f"the original mask ({size}x{size} uint32, timed apart), the replay, and copying the mask into the working copy. The replayed working copy equals the live one.",
         "",
         "The bound is what an edit touches: the objects' bounding boxes (kept per object, never found by scanning the mask) and one fsync. "
         "Accept writes no pixels, so its cost is the journal's fsync alone.",
