@@ -87,16 +87,35 @@ def drop_one_table(reports: list[dict[str, Any]], packs: list[Pack]) -> str:
     return "Dice with all three -> without the dropped sequence (change).\n\n" + table(rows, cols)
 
 
+def init_chain(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """The earlier schedules a pack continued (latest first): from its manifest, else from the packs on disk."""
+    from medseg.train.packs import read_manifest
+
+    chain, init = [], training.get("init_from")
+    while init:
+        chain.append(init)
+        earlier = init.get("init_from")
+        if earlier is None and Path(init.get("pack", "")).is_dir():
+            earlier = read_manifest(Path(init["pack"])).get("training", {}).get("init_from")
+        init = earlier
+    return chain
+
+
 def training_table(packs: list[Pack]) -> str:
     rows = []
     for pack in packs:
         t = pack.manifest.get("training", {})
         cfg = t.get("config", {})
+        steps = [f"{t.get('steps')} / {cfg.get('steps')}"]
+        commands = [f"`{pack.manifest.get('command', '')}`"]
+        for init in init_chain(t):  # further schedules started from earlier packs: show the whole chain
+            steps.insert(0, str(init.get("steps")))
+            commands.insert(0, f"`{init.get('command', '')}`")
+        steps, commands = " + ".join(steps), ", then ".join(commands)
         rows.append({"model": label(pack), "params (M)": f"{sum(p.numel() for p in pack.model.parameters()) / 1e6:.2f}",
-                     "steps done / scheduled": f"{t.get('steps')} / {cfg.get('steps')}", "batch": cfg.get("batch_size"),
-                     "epochs": t.get("epochs"), "train s": t.get("seconds"), "threads": t.get("threads"),
-                     "command": f"`{pack.manifest.get('command', '')}`"})
-    return table(rows, ["model", "params (M)", "steps done / scheduled", "batch", "epochs", "train s", "threads", "command"])
+                     "steps done / scheduled": steps, "batch": cfg.get("batch_size"), "lr": cfg.get("lr"),
+                     "train s (last schedule)": t.get("seconds"), "threads": t.get("threads"), "commands": commands})
+    return table(rows, ["model", "params (M)", "steps done / scheduled", "batch", "lr", "train s (last schedule)", "threads", "commands"])
 
 
 def main() -> None:
@@ -123,7 +142,8 @@ def main() -> None:
         f"Validation subjects {', '.join(map(str, val))} of `myops/split.json` (19 short-axis slices; never used in training). "
         "Dice per subject on the 3-D label volume at the original resolution, through `medseg.multiseq` (what `medseg multiseq` runs); "
         "absent sequences are withheld from DMAF-Net (availability mask) and zero-filled for the U-Net. Both were trained with the same "
-        "data stream, augmentation, missing-sequence draws (absent: C0 0.6, LGE 0.2, T2 0.4, never all three), batch size and step schedule.",
+        "data stream, augmentation, missing-sequence draws (absent: C0 0.6, LGE 0.2, T2 0.4, never all three), batch size and chain of step schedules "
+        "(a later schedule starts from the earlier pack's weights, a warm restart).",
         "### Every sequence subset\n\n" + subset_table(reports, packs),
         "### The issue's targets (all three sequences)\n\n" + targets_table(reports, packs),
         "### What dropping one sequence costs\n\n" + drop_one_table(reports, packs),

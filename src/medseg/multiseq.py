@@ -231,9 +231,9 @@ def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: Can
     weight_sum = np.zeros(len(seqs))
     yield Progress(0, nz, f"{pack.id}: {', '.join(used)}")
     with torch.inference_mode():
+        h, w = model_grid((nx, ny), spacing_xy, target)
         for k in range(nz):
             check_cancel(cancel)
-            h, w = model_grid((nx, ny), spacing_xy, target)
             x = np.zeros((1, len(seqs), h, w), dtype=np.float32)
             for i, s in enumerate(seqs):
                 if s in used:

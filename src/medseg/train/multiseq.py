@@ -64,7 +64,7 @@ from medseg.models.dmafnet import (
     prototype_loss,
     soft_class_masks,
 )
-from medseg.multiseq import SEQUENCES, model_grid, prepare_slice, segment_study_iter, study_from_arrays
+from medseg.multiseq import DEFAULT_SPACING_MM, SEQUENCES, model_grid, prepare_slice, segment_study_iter, study_from_arrays
 from medseg.resample import resample_mask
 from medseg.train.augment import AugmentConfig, random_crop
 from medseg.train.loop import make_optimizer, seed_everything, warmup_cosine
@@ -108,7 +108,7 @@ class MultiseqConfig:
     min_lr_ratio: float = 0.01
     grad_clip: float | None = 5.0
     size: int = 128
-    spacing_mm: float = 1.5
+    spacing_mm: float = DEFAULT_SPACING_MM
     absent_rates: dict[str, float] = field(default_factory=lambda: {"C0": 0.6, "LGE": 0.2, "T2": 0.4})
     sampling: str = "draw"  # "draw": a pattern per sample per step; "fixed": one per subject (PASSION idt)
     lambda_rel: float = 0.5
@@ -128,6 +128,7 @@ class MultiseqConfig:
     train_limit: int | None = None  # use only this many training subjects (tests)
     evaluate: bool = True
     stop_early: bool = False  # with resume: export the checkpoint's weights now, before the schedule ends
+    init_from: str | None = None  # start from a pack of the same architecture (a further schedule: warm restart)
     command: str = ""
 
     @classmethod
@@ -464,6 +465,16 @@ class _Run:
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, max(1, int(cfg.warmup * cfg.steps)), cfg.min_lr_ratio))
         step, elapsed_before, history = 0, 0.0, []
+        if cfg.init_from:
+            from medseg.train.packs import load_pack
+
+            source = load_pack(cfg.init_from)
+            if source.architecture != cfg.arch:
+                raise UsageError(f"Pack '{cfg.init_from}' is a {source.architecture}, not a {cfg.arch}: start from a pack of the same architecture.")
+            model.load_state_dict(source.model.state_dict())
+            earlier = source.manifest.get("training", {})
+            self.init_info = {"pack": str(cfg.init_from), "sha256": source.sha256, "steps": earlier.get("steps"),
+                              "command": source.manifest.get("command"), "init_from": earlier.get("init_from")}
         if cfg.resume and self.ckpt_path.exists():
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
             if ckpt["arch"] != cfg.arch or ckpt["steps"] != cfg.steps:
@@ -542,6 +553,7 @@ class _Run:
                 "epochs": round(step * cfg.batch_size / len(self.data.labels), 1),
                 "seconds": round(seconds, 1),
                 "threads": torch.get_num_threads(),
+                "init_from": getattr(self, "init_info", None),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "config": {k: v for k, v in asdict(cfg).items() if k != "command"},
@@ -646,13 +658,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--stop-early", action="store_true", help="with --resume: write the pack from the checkpoint now")
+    p.add_argument("--init-from", help="start from this pack's weights (same architecture) with a new schedule")
+    p.add_argument("--seed", type=int, default=1037)
     args = p.parse_args(argv)
     if args.stop_early and not args.resume:
         p.error("--stop-early needs --resume")
     cfg = MultiseqConfig(data_root=args.data_root, arch=args.arch, config=args.config, steps=args.steps, batch_size=args.batch_size,
                          minutes=args.minutes, lr=args.lr, sampling=args.sampling, monitor=not args.no_monitor, workdir=args.workdir,
                          run=args.run, out=args.out, pack_id=args.pack_id, threads=args.threads, resume=args.resume, fresh=args.fresh,
-                         stop_early=args.stop_early,
+                         stop_early=args.stop_early, init_from=args.init_from, seed=args.seed,
                          command="python -m medseg.train.multiseq " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
     result = drive(train_iter(cfg), desc=cfg.run_name, unit="step")
     if result is None:
