@@ -131,7 +131,14 @@ def main() -> None:
             "### AoP / HSD against the reference masks (frames where both are measurable)", "",
             table(acc_rows, list(acc_rows[0]) if acc_rows else ["pack"])]
     if tap_rows:
-        body += ["", "### TAP-SLF: its three heads (AoP from its own key points vs from its mask)", "", table(tap_rows, list(tap_rows[0]))]
+        body += ["", "### TAP-SLF: its three heads (AoP from its own key points vs from its mask)", "", table(tap_rows, list(tap_rows[0])), "",
+                 "No foundation-model weights are available offline: the ViT encoder (patch 16, dim 128, 8 blocks) was pre-trained by "
+                 "masked-image modelling (MAE, 75% of the patches hidden, per-patch normalised pixel targets) on the PSFHS **training** split "
+                 "only, then frozen; prompts, LoRA (top 2 of 8 blocks), adapter, neck and heads were trained jointly on segmentation, "
+                 "plane class and the three AoP key points (V, E, T) derived from the reference masks by the IUGC rules. Every validation "
+                 "frame is a standard plane, so the plane accuracy only shows that no frame was called non-standard. Key-point AoP = the "
+                 "law of cosines on the three predicted points (`medseg.measure.biometry.aop_from_points`); mask AoP = the IUGC rules on its "
+                 "segmentation."]
     if args.keyframes_bank:
         from medseg.train.keyframes import evaluate_loops
 
@@ -142,7 +149,15 @@ def main() -> None:
         report = evaluate_loops(summariser.model, bank)
         rows = [{"picks": k, "F-measure vs quality target": f"{v['f_measure']:.3f}", "mean quality of picks": f"{v['mean_quality']:.3f}",
                  "picks showing PS + FH": f"{v['both_structures']:.3f}"} for k, v in report.items() if isinstance(v, dict)]
-        body += ["", f"### Key frames: FullTransNet on {report['loops']} validation pseudo-loops", "", table(rows, list(rows[0]))]
+        body += ["", f"### Key frames: FullTransNet on {report['loops']} validation pseudo-loops", "", table(rows, list(rows[0])), "",
+                 "Pseudo-loops (`medseg.train.keyframes`): every frame of a split in 4 variants (itself; probe drift = translation up to "
+                 "45% of each side; defocus = Gaussian blur sigma 2-5 plus speckle; shadow = contrast x0.15-0.4 and a dark band over 30-60% "
+                 "of the width), each run once through `ultrasound-fhps` for its features (pooled encoder stages, 480 values) and its "
+                 "quality (0 unless PS and FH are both predicted, else the mean winning softmax probability over their pixels). A loop: "
+                 "24-64 positions over consecutive frame IDs (advance with probability 0.6, else hold), the variant from a good/degraded "
+                 "chain switching with probability 0.25 per frame. Target = the ceil(0.15 T) highest-quality frames with quality > 0. "
+                 "Training loops come from the train split, these from the val split. F-measure is against that target; the quality "
+                 "columns say how good the picked frames are."]
     if commands:
         body += ["", "Training commands (from the manifests):", ""] + commands
     body += notes
