@@ -29,6 +29,16 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread and a fixed torch seed for the test, restored afterwards (small CPU models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def unet_pack():
     """An untrained small U-Net pack (1 channel, 3 classes): fast and deterministic."""
     from medseg.train.packs import untrained_pack

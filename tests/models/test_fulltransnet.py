@@ -9,13 +9,7 @@ from medseg import models
 from medseg.models.fulltransnet import LocalGlobalAttention, frame_scores, pointer_loss, segment_global_mask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registered_as_a_sequence_model_not_a_segmentation_network():

@@ -16,13 +16,7 @@ from medseg.train.multitask import keypoint_targets, keypoints_to_rc, task_loss
 TINY = dict(dim=32, depth=4, heads=2, adapter=16, trunk=(16, 8, 8), n_prompts=3, lora_fraction=0.25)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> TAPSLF:
