@@ -10,13 +10,14 @@ per-item function (``medseg.batch.run_item``, which writes exactly what ``medseg
    on localhost (``medseg batch --scheduler``).
 
 Two item sizes: a single 256 x 256 frame (tens of ms of work: the overhead shows) and a loop of
-``--frames`` frames (the work dominates). Workers are started and warmed (torch imported, pack loaded)
-before the clock starts; the start-up is reported on its own. The runs are interleaved over
+``--frames`` frames (the work dominates). Workers and the loop's process are warmed (torch imported, pack
+loaded, one item of each workload run) before the clock starts; the start-up is reported on its own. The runs are interleaved over
 ``--repeats`` rounds and the best time of each is kept, so that load from other work on a shared
-machine falls on all of them alike. The per-item overhead is
-the slope of the 1-worker run time over the item count less the sequential work per item:
-((run of N items - run of 1 item) / (N - 1) - sequential time per item); the fixed cost of a run
-(connecting, checking the pack, ledger and summary) is the 1-item run less one item's work. Every batch output is checked byte-equal to
+machine falls on all of them alike. The sequential loop runs
+in a fresh process of its own. The per-item overhead is the run time on 1 worker spent outside the items
+(each item times itself), solved from runs of N items and of 1 item into a fixed cost per run
+(connecting, checking the pack, summary) and a cost per item (submitting, scheduling, collecting,
+ledger update). Every batch output is checked byte-equal to
 the sequential loop's.
 
     python benchmarks/batch.py [--items 16] [--frames 12] [--repeats 3] [--model ultrasound-fhps]
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from _results import table, write_section  # noqa: E402
 
-from medseg.batch import CLUSTER_CONFIG, TASKS, _worker_pack, batch_iter, cluster_config_yaml, gather_items, parse_options, run_item  # noqa: E402
+from medseg.batch import CLUSTER_CONFIG, TASKS, batch_iter, cluster_config_yaml, gather_items, parse_options, run_item  # noqa: E402
 from medseg.engine.progress import run_sync  # noqa: E402
 from medseg.train.packs import find_pack, load_pack  # noqa: E402
 
@@ -70,28 +71,43 @@ def make_items(folder: Path, items: int, frames: int) -> tuple[Path, Path]:
     return single, loops
 
 
-def sequential(folder: Path, out: Path, pack_folder: Path, sha: str, options: dict) -> float:
+def sequential(folder: Path, out: Path, pack_folder: Path, sha: str) -> float:
+    """The plain loop, in a fresh process of its own (as a script would run it; this process hosts schedulers
+    and clients whose threads would slow a loop here); the clock starts after the pack is loaded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, __file__, "--sequential", str(folder), str(out), str(pack_folder), sha], env=env,
+                         capture_output=True, text=True, check=True)
+    return float(run.stdout.strip().splitlines()[-1])
+
+
+def _sequential_here(folder: Path, out: Path, pack_folder: Path, sha: str) -> None:
+    torch.set_num_threads(1)
+    options = parse_options("segment", "--device", "cpu")
     files = sorted(folder.iterdir())
-    _worker_pack(str(pack_folder), sha)  # the pack is loaded once, outside the clock
+    run_item(TASKS["segment"], str(files[0]), str(out / "warm-up"), str(pack_folder), sha, options)  # pack loaded, first forward done
     t0 = time.perf_counter()
     for f in files:
         record = run_item(TASKS["segment"], str(f), str(out), str(pack_folder), sha, options)
         assert record["status"] == "done", record
-    return time.perf_counter() - t0
+    print(time.perf_counter() - t0)
 
 
-def on_dask(folder: Path, out: Path, pack_folder: Path, address: str, options: dict) -> float:
+def on_dask(folder: Path, out: Path, pack_folder: Path, address: str, options: dict) -> tuple[float, float]:
+    """(seconds of the whole run, seconds spent inside the items)."""
     items = gather_items([str(folder)], None, TASKS["segment"])
     t0 = time.perf_counter()
     result = run_sync(batch_iter(items, "segment", str(pack_folder), out, options, scheduler=address))
     seconds = time.perf_counter() - t0
     assert not result.failed, result.failed
-    return seconds
+    return seconds, sum(float(r["seconds"]) for r in result.rows)
 
 
-def warm(client, pack_folder: Path, sha: str, n: int) -> None:
+def warm(client, pack_folder: Path, sha: str, n: int, firsts: dict[str, Path], scratch: Path) -> None:
+    """Every worker imports torch and medseg, loads the pack and runs one item of each workload, as the sequential loop does."""
     client.wait_for_workers(n, timeout=120)
-    client.run(_worker_pack, str(pack_folder), sha)  # imports torch and medseg, loads the pack in every worker
+    options = parse_options("segment", "--device", "cpu")
+    for folder in firsts.values():
+        client.run(run_item, TASKS["segment"], str(next(folder.iterdir())), str(scratch), str(pack_folder), sha, options)
 
 
 def same_outputs(a: Path, b: Path) -> None:
@@ -141,7 +157,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best time of each is kept (default 3)")
     ap.add_argument("--model", default="ultrasound-fhps", help="pack (default ultrasound-fhps)")
     ap.add_argument("--no-write", action="store_true", help="print the table instead of writing benchmarks/RESULTS.md")
+    ap.add_argument("--sequential", nargs=4, metavar=("FOLDER", "OUT", "PACK", "SHA"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sequential:
+        folder, out, pack, sha = args.sequential
+        _sequential_here(Path(folder), Path(out), Path(pack), sha)
+        return
     torch.set_num_threads(1)
     from distributed import Client, LocalCluster
 
@@ -168,25 +189,28 @@ def main() -> None:
                     cluster = LocalCluster(n_workers=k, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                            silence_logs=logging.ERROR)
                 client = Client(cluster)
-                warm(client, pack_folder, sha, k)
+                warm(client, pack_folder, sha, k, firsts, tmp / "warm-up")
                 runs[f"LocalCluster {k}"] = {"workers": k, "start": time.perf_counter() - t0, "address": cluster.scheduler_address}
                 clusters.append(cluster)
                 clients.append(client)
             t0 = time.perf_counter()
             address, procs = external_cluster(tmp, 2)
             client = Client(address)
-            warm(client, pack_folder, sha, 2)
+            warm(client, pack_folder, sha, 2, firsts, tmp / "warm-up")
             clients.append(client)
             runs["dask scheduler + 2 dask worker"] = {"workers": 2, "start": time.perf_counter() - t0, "address": address}
 
             best: dict[tuple[str, str], float] = {}
+            inside: dict[tuple[str, str], float] = {}  # seconds inside the items, of the best run
 
-            def keep(key: tuple[str, str], seconds: float) -> None:
-                best[key] = min(best.get(key, float("inf")), seconds)
+            def keep(key: tuple[str, str], seconds: float | tuple[float, float]) -> None:
+                total, within = seconds if isinstance(seconds, tuple) else (seconds, seconds)
+                if total < best.get(key, float("inf")):
+                    best[key], inside[key] = total, within
 
             for r in range(args.repeats):  # interleaved, so that load from other work falls on every run alike
                 for w, folder in workloads.items():
-                    keep(("sequential loop", w), sequential(folder, tmp / f"seq-{w}-{r}", pack_folder, sha, options))
+                    keep(("sequential loop", w), sequential(folder, tmp / f"seq-{w}-{r}", pack_folder, sha))
                     for name, run in runs.items():
                         out = tmp / f"{name.replace(' ', '_')}-{w}-{r}"
                         keep((name, w), on_dask(folder, out, pack_folder, run["address"], options))
@@ -209,19 +233,21 @@ def main() -> None:
             row[f"{label}: items/s"] = f"{n / best[(name, w)]:.2f}"
             row[f"{label}: speed-up"] = f"{best[('sequential loop', w)] / best[(name, w)]:.2f}x"
         out_rows.append(row)
-    one = {w: best[("LocalCluster 1", w)] for w in workloads}
-    single = {w: best[("one item", w)] for w in workloads}
-    overhead = {w: ((one[w] - single[w]) / (n - 1) - per_item[w]) * 1000 for w in workloads}
-    fixed = {w: (single[w] - per_item[w]) * 1000 for w in workloads}
+    # time outside the items on 1 worker = fixed cost of a run + items x per-item overhead; runs of N and of 1 item solve for both
+    outside_n = {w: best[("LocalCluster 1", w)] - inside[("LocalCluster 1", w)] for w in workloads}
+    outside_1 = {w: best[("one item", w)] - inside[("one item", w)] for w in workloads}
+    overhead = {w: (outside_n[w] - outside_1[w]) / (n - 1) * 1000 for w in workloads}
+    fixed = {w: outside_1[w] * 1000 - overhead[w] for w in workloads}
+    in_worker = {w: inside[("LocalCluster 1", w)] / n * 1000 for w in workloads}
     body = (
         f"{n} items per workload, pack `{args.model}` on the CPU (one torch thread per process); best of {args.repeats} interleaved rounds; "
         "every batch output checked byte-equal to the sequential loop's.\n\n"
         + table(out_rows, list(out_rows[0]))
-        + f"\n\nPer-item scheduling overhead on 1 worker, ((run of {n} items - run of 1 item) / {n - 1} - sequential time per item): "
+        + f"\n\nScheduling overhead per item on 1 worker (run time outside the items, from runs of {n} items and of 1 item): "
         f"{overhead['frame']:.0f} ms per single-frame item and {overhead['loop']:.0f} ms per {args.frames}-frame loop item, against "
-        f"{per_item['frame'] * 1000:.0f} ms and {per_item['loop'] * 1000:.0f} ms of work per item in the sequential loop. Fixed cost of a run "
-        f"(connecting to the scheduler, checking the pack, ledger and summary; the 1-item run less one item's work): "
-        f"{fixed['frame']:.0f} ms and {fixed['loop']:.0f} ms.\n\n"
+        f"{in_worker['frame']:.0f} ms and {in_worker['loop']:.0f} ms inside each item on that worker and {per_item['frame'] * 1000:.0f} ms and "
+        f"{per_item['loop'] * 1000:.0f} ms per item in the sequential loop. Fixed cost of a run (connecting to the scheduler, checking the pack, "
+        f"summary): {fixed['frame']:.0f} ms and {fixed['loop']:.0f} ms.\n\n"
         f"**Machine caveat:** this machine has only 2 CPU cores, shared with other work while this ran (load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after; 2.0 would mean both cores busy). A second worker process can therefore buy at most 2x here, and less "
         "when the other work holds the cores; on a dedicated many-core machine or a cluster the items/s scale with the worker processes "

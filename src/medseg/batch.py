@@ -47,6 +47,7 @@ LEDGER_FORMAT = 1
 SUMMARY_COLUMNS = ("item", "status", "seconds", "worker", "result", "error")
 EXIT_SOME_FAILED = 3
 NOT_IN_KEY = ("device", "batch_size")  # options that do not change an item's outputs
+RESERVED = ("summary", "ledger", "biometry")  # item names whose outputs would clash with OUTDIR's own files
 
 
 # --------------------------------------------------------------------------- tasks
@@ -274,6 +275,9 @@ def gather_items(inputs: Sequence[str], manifest: str | None, task: Task) -> lis
             items.append(Item(name, p, f"'{p}' does not exist: check the path in the manifest."))
     if not items:
         raise UsageError("Give the inputs (files or folders) or a --manifest CSV with a 'path' column.")
+    for item in items:
+        if item.name.lower() in RESERVED:
+            raise UsageError(f"'{item.path}' would be written over OUTDIR's own {item.name}.csv/.json: rename it (or copy it under another name).")
     return items
 
 
@@ -413,8 +417,14 @@ def _dashboard_available() -> bool:
 #   death against every task the worker held);
 # - no MALLOC_TRIM_THRESHOLD_ in the worker processes: Dask sets it to give memory back to the system,
 #   but it also fixes glibc's mmap threshold, so every tensor allocation maps and faults in fresh pages;
-#   torch inference ran 1.5-1.8x slower in such workers than in a plain process here.
-CLUSTER_CONFIG = {"distributed.scheduler.worker-saturation": 1.0, "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+#   torch inference ran 1.5-1.8x slower in such workers than in a plain process here;
+# - no statistical profiler in the workers: it samples every thread's stack 100 times a second, busy or
+#   idle, for a dashboard page that a batch run does not need.
+CLUSTER_CONFIG = {
+    "distributed.scheduler.worker-saturation": 1.0,
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
 
 
 def cluster_config_yaml() -> str:

@@ -290,6 +290,9 @@ def test_manifest_with_a_missing_file_and_bad_usage(cohort, cluster, tmp_path, c
     (tmp_path / "bad.csv").write_text("file name\nx.png\n", encoding="utf-8")
     code, err = run_main(capsys, "batch", "--manifest", str(tmp_path / "bad.csv"), "--task", "segment", "--model", PACK, "-o", str(tmp_path / "o"))
     assert code == 2 and "no 'path' column" in err
+    shutil.copy(inputs / "03744.png", tmp_path / "summary.png")
+    code, err = run_main(capsys, "batch", str(tmp_path / "summary.png"), "--task", "biometry", "--model", PACK, "-o", str(tmp_path / "o"))
+    assert code == 2 and "would be written over OUTDIR's own summary" in err
     code, err = run_main(capsys, "batch", str(inputs), "--task", "segment", "--model", PACK, "-o", str(tmp_path / "o"), "--method", "ellipse")
     assert code == 2 and "--method does not apply to --task segment" in err
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
