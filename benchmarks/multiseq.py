@@ -6,7 +6,7 @@ for every one of the 7 non-empty subsets of C0 / LGE / T2, through the code user
 (:func:`medseg.multiseq.segment_study_iter`: per-slice z-score, 1.5 mm grid, probabilities back to the
 original grid), with Dice per subject on the full 3-D label volume, then averaged over subjects.
 
-    python benchmarks/multiseq.py [--dmaf cardiac-myops] [--baseline work/multiseq/myops-unet-small/pack]
+    python benchmarks/multiseq.py [--dmaf cardiac-myops] [--baseline work/multiseq/myops-unet-small-c4/pack]
 """
 
 from __future__ import annotations
@@ -113,15 +113,15 @@ def training_table(packs: list[Pack]) -> str:
             commands.insert(0, f"`{init.get('command', '')}`")
         steps, commands = " + ".join(steps), ", then ".join(commands)
         rows.append({"model": label(pack), "params (M)": f"{sum(p.numel() for p in pack.model.parameters()) / 1e6:.2f}",
-                     "steps done / scheduled": steps, "batch": cfg.get("batch_size"), "lr": cfg.get("lr"),
+                     "steps (earlier schedules + last: done / scheduled)": steps, "batch": cfg.get("batch_size"), "lr": cfg.get("lr"),
                      "train s (last schedule)": t.get("seconds"), "threads": t.get("threads"), "commands": commands})
-    return table(rows, ["model", "params (M)", "steps done / scheduled", "batch", "lr", "train s (last schedule)", "threads", "commands"])
+    return table(rows, ["model", "params (M)", "steps (earlier schedules + last: done / scheduled)", "batch", "lr", "train s (last schedule)", "threads", "commands"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dmaf", default="cardiac-myops", help="DMAF-Net pack id or folder")
-    ap.add_argument("--baseline", default="work/multiseq/myops-unet-small/pack", help="baseline pack folder")
+    ap.add_argument("--baseline", default="work/multiseq/myops-unet-small-c4/pack", help="baseline pack folder")
     ap.add_argument("--data-root", default=None, help="MyoPS folder (default $MEDSEG_DATA/myops)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "_out" / "multiseq.json")
@@ -149,7 +149,7 @@ def main() -> None:
         "### What dropping one sequence costs\n\n" + drop_one_table(reports, packs),
         "### Training (exact commands)\n\n" + training_table(packs) + "\n\nA manifest records the command of the run's last session: a run "
         "stops after `--minutes` with a checkpoint and continues with `--resume` (a run that shows `--resume` started with `--fresh` and "
-        "otherwise the same flags). Times are wall-clock seconds on 2 CPU cores shared with other training (load average 11-18), so they "
+        "otherwise the same flags). Times are wall-clock seconds on 2 CPU cores shared with other training (load average 5-18 during these runs), so they "
         "measure the machine's load more than the networks; the budget that is the same for both is the step schedule (steps, batch, "
         "data stream, missing-sequence draws). Per step DMAF-Net trains the fused prediction of the incomplete and of the complete input "
         "(both with deep supervision), the unimodal decoders and the distillation terms, so it gets more gradient signal per step than "

@@ -44,6 +44,7 @@ class LoopSummary:
     summariser: str = ""
 
     def next_key(self, frame: int) -> int | None:
+        """The first key frame after ``frame`` (wrapping round to the first); ``previous_key`` likewise backwards."""
         later = [k for k in self.key_frames if k > frame]
         return later[0] if later else (self.key_frames[0] if self.key_frames else None)
 
