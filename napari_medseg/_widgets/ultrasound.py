@@ -283,8 +283,7 @@ class UltrasoundWidget(JobDock, Container):
         layer = self.image.value
         if layer is None or layer.ndim != 3 or getattr(layer, "multiscale", False):
             return self._refuse("Summarising needs a loop: choose an image layer that is a stack of frames (a cine loop, video or multi-frame DICOM).")
-        packs = available_packs()
-        if DEFAULT_SUMMARISER not in packs:
+        if DEFAULT_SUMMARISER not in available_packs("sequence"):
             return self._refuse(f"The key-frame pack '{DEFAULT_SUMMARISER}' is not installed: add it to MEDSEG_MODELS.")
         if self.model.value is None:
             return self._refuse(f"No segmentation pack is installed to take frame features from: add '{DEFAULT_PACK}' to MEDSEG_MODELS.")

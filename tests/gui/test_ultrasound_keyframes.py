@@ -31,6 +31,7 @@ def keyframe_packs(tmp_path, monkeypatch):
     save_pack(seg, tmp_path / seg.id)
     summariser = Pack(DEFAULT_SUMMARISER, models.build("fulltransnet", in_channels=240, config="small").eval(), "fulltransnet", "small", 240,
                       [ClassInfo(0, "key frame", "#ffd700")], activation="none", tile=64)
+    summariser.manifest = {"kind": "sequence"}
     save_pack(summariser, tmp_path / DEFAULT_SUMMARISER)
     monkeypatch.setenv("MEDSEG_MODELS", str(tmp_path))
     return seg.id
@@ -44,6 +45,7 @@ def test_summarise_loop_marks_key_frames_and_jumps_between_them(keyframe_packs, 
     widget.reset_choices()
     widget.image.value = image
     widget.model.value = keyframe_packs
+    assert "ultrasound-keyframes" not in widget.model.choices  # a sequence pack segments nothing
     assert not widget.next_key_button.enabled
     widget.summarise_button.native.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)

@@ -31,6 +31,7 @@ def packs(tmp_path_factory):
     save_pack(seg, root / seg.id)
     summariser = Pack("test-keyframes", models.build("fulltransnet", in_channels=240, config="small").eval(), "fulltransnet", "small", 240,
                       [ClassInfo(0, "key frame", "#ffd700")], activation="none", tile=64)
+    summariser.manifest = {"kind": "sequence"}
     save_pack(summariser, root / summariser.id)
     return load_pack(root / seg.id), load_pack(root / summariser.id)
 

@@ -9,7 +9,7 @@ import torch
 
 from medseg.measure.keyframes import summarise_loop
 from medseg.train.datasets import evenly, read_case_image
-from medseg.train.packs import load_pack, resources_dir
+from medseg.train.packs import available_packs, load_pack, resources_dir
 from medseg.train.recipes import get_recipe
 from tests.conftest import data_dir
 
@@ -27,7 +27,8 @@ def test_keyframes_pack_names_the_features_it_was_trained_on():
     pack = shipped("ultrasound-keyframes")
     seg = shipped("ultrasound-fhps")
     m = pack.manifest
-    assert m["architecture"] == "fulltransnet" and m["weights"]["dtype"] == "float16"
+    assert m["architecture"] == "fulltransnet" and m["weights"]["dtype"] == "float16" and m["kind"] == "sequence"
+    assert "ultrasound-keyframes" not in available_packs() and "ultrasound-keyframes" in available_packs("sequence")
     assert m["features_from"]["pack"] == seg.id and m["features_from"]["sha256"] == seg.sha256
     assert pack.model.in_features == pack.in_channels == 480
     assert m["training"]["command"].startswith("python -m medseg.train.keyframes train")

@@ -260,6 +260,7 @@ def export_pack(model: FullTransNet, cfg: KeyframeConfig, report: dict[str, Any]
                 tile=seg.tile)
     pack.manifest = {
         "title": "Key frames of intrapartum ultrasound loops — FullTransNet (small) on ultrasound-fhps encoder features",
+        "kind": "sequence",  # not a segmentation pack: it takes per-frame features (medseg.measure.keyframes)
         "task": "key-frame summary of a frame sequence",
         "modality": "ultrasound",
         "overrides": {"segment": cfg.segment},
