@@ -47,3 +47,11 @@ def test_keyframes_pack_skips_stretches_without_anatomy_on_a_real_loop():
     s = summarise_loop(loop, seg, pack)
     assert len(s.key_frames) == 4  # ceil(0.15 * 24)
     assert all(8 <= k < 16 for k in s.key_frames), f"key frames {s.key_frames} fall outside the real stretch 8-15"
+
+
+def test_keyframes_pack_is_refused_as_a_segmentation_model():
+    from medseg.engine.predictor import Predictor
+    from medseg.errors import ModelError
+
+    with pytest.raises(ModelError, match="not a segmentation pack"):
+        Predictor(shipped("ultrasound-keyframes"))

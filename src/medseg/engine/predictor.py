@@ -151,6 +151,11 @@ class Predictor:
                 f"Pack '{pack.id}' takes several co-registered sequences per case ({', '.join(pack.manifest['sequences'])}), not one image: "
                 "use 'medseg multiseq' or the Multi-sequence dock."
             )
+        if pack.manifest.get("kind", "segmentation") != "segmentation":
+            raise ModelError(
+                f"Pack '{pack.id}' is a {pack.manifest['kind']} pack ({pack.manifest.get('task', 'not a segmentation model')}), not a segmentation "
+                "pack: choose a segmentation pack (see 'medseg models')."
+            )
         self.pack = pack
         self.config = config or PredictConfig(tile=pack.tile, overlap=pack.overlap)
         self.config.validate()
