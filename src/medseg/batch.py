@@ -58,7 +58,8 @@ class Task:
     ``run(path, outdir, pack, options)`` runs in a worker process, writes the item's outputs exactly as
     the single-input command does, and returns (written paths, one line of objects or measurements).
     ``options`` names the task's options besides the predictor's (they enter the ledger key, so a
-    change redoes the items); ``finish(outdir, names)`` may write a cohort-wide file at the end.
+    change redoes the items); ``finish(outdir, names)`` may write a cohort-wide file at the end;
+    ``folders``: an item is a folder of files (a multi-sequence study) rather than one file.
     """
 
     name: str
@@ -67,6 +68,7 @@ class Task:
     run: Callable[[Path, Path, Any, dict], tuple[list[Path], str]]
     options: tuple[str, ...] = ()
     finish: Callable[[Path, list[str]], Path | None] | None = None
+    folders: bool = False  # each input is a folder (a study), not a file
 
 
 def _predictor_args(options: dict) -> SimpleNamespace:
@@ -139,6 +141,15 @@ def _wsi_item(path: Path, outdir: Path, pack, options: dict) -> tuple[list[Path]
     return [result.path, table, geojson], f"{len(objects)} objects"
 
 
+def _multiseq_item(path: Path, outdir: Path, pack, options: dict) -> tuple[list[Path], str]:
+    from medseg.engine.progress import run_sync
+    from medseg.io import stem_of
+    from medseg.multiseq import segment_study_file_iter, study_files
+
+    out, result = run_sync(segment_study_file_iter(study_files(path), pack, outdir / f"{stem_of(path)}.nii.gz", options["device"]))
+    return [out], result.notice()
+
+
 def _image_suffixes() -> tuple[str, ...]:
     from medseg.io import IMAGE_SUFFIXES
 
@@ -159,6 +170,8 @@ TASKS: dict[str, Task] = {
              ("mpp", "min_area_um2", "tissue")),
         Task("biometry", "what 'medseg biometry' writes: OUTDIR/<stem>.png labels and <stem>.csv (AoP, HSD per frame); all rows in biometry.csv",
              _image_suffixes, _biometry_item, ("method", "spacing", "grid"), _biometry_finish),
+        Task("multiseq", "what 'medseg multiseq --study' writes for each study folder (C0 / LGE or DE / T2 NIfTI files): OUTDIR/<study>.nii.gz",
+             lambda: (), _multiseq_item, folders=True),
     )
 }
 
@@ -263,7 +276,7 @@ def gather_items(inputs: Sequence[str], manifest: str | None, task: Task) -> lis
 
     listed = read_manifest_csv(manifest) if manifest else []
     present = [str(p) for p in listed if p.exists()]
-    files = collect_inputs([*inputs, *present], task.suffixes()) if (inputs or present) else []
+    files = _study_folders([*inputs, *present]) if task.folders else collect_inputs([*inputs, *present], task.suffixes()) if (inputs or present) else []
     items = [Item(stem_of(f), f) for f in files]
     names = {i.name: i.path for i in items}
     for p in listed:
@@ -279,6 +292,28 @@ def gather_items(inputs: Sequence[str], manifest: str | None, task: Task) -> lis
         if item.name.lower() in RESERVED:
             raise UsageError(f"'{item.path}' would be written over OUTDIR's own {item.name}.csv/.json: rename it (or copy it under another name).")
     return items
+
+
+def _study_folders(inputs: Sequence[str]) -> list[Path]:
+    """Folder inputs as they are (one item each); a file or a missing path stops the run."""
+    folders = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise InputError(f"'{p}' does not exist: check the path.")
+        if not p.is_dir():
+            raise UsageError(f"'{p}' is a file, but this task takes one folder per study: give the study folders.")
+        folders.append(p)
+    return folders
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    """(size, newest modification time) of a file, or of the files directly in a folder."""
+    if path.is_dir():
+        stats = [f.stat() for f in sorted(path.iterdir()) if f.is_file()]
+        return sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=path.stat().st_mtime_ns)
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 # --------------------------------------------------------------------------- ledger
@@ -314,10 +349,9 @@ class Ledger:
 
 
 def item_key(item: Item, task: Task, pack_id: str, pack_sha256: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """What an item's outputs depend on: the input (path, size, modification time), task, pack and options."""
+    """What an item's outputs depend on: the input (path, size, modification time; for a folder, of its files), task, pack and options."""
     try:
-        st = item.path.stat()
-        size, mtime = st.st_size, st.st_mtime_ns
+        size, mtime = _fingerprint(item.path)
     except OSError:
         size, mtime = None, None
     shaping = {k: v for k, v in options.items() if k not in NOT_IN_KEY}

@@ -97,6 +97,43 @@ def load_study(paths: Mapping[str, str | os.PathLike | None]) -> Study:
     return Study({s: arrays.get(s) for s in SEQUENCES}, ref.spacing, ref.affine, ref.header, sources)
 
 
+def study_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The sequence files of a study folder, by name: ``C0.nii.gz``, ``DE``/``LGE``, ``T2`` (also at the end
+    of a longer name, e.g. ``myops_training_101_DE.nii.gz``); other NIfTI files (label maps) are ignored."""
+    from medseg.io.nifti import NIFTI_SUFFIXES, is_nifti
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"'{folder}' is not a folder: give a study folder holding its C0 / LGE (DE) / T2 NIfTI files.")
+    found: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if not (f.is_file() and is_nifti(f)):
+            continue
+        stem = f.name[: -len(next(x for x in NIFTI_SUFFIXES[::-1] if f.name.lower().endswith(x)))]
+        key = stem.lower().rsplit("_", 1)[-1]
+        if key not in _ALIASES:
+            continue
+        seq = _ALIASES[key]
+        if seq in found:
+            raise InputError(f"Study folder '{folder}' holds two {seq} files ({found[seq].name}, {f.name}): keep one per sequence.")
+        found[seq] = f
+    if not found:
+        raise _no_sequence(f"study folder '{folder}' holds no NIfTI file named after a sequence (C0, LGE or DE, T2).")
+    return found
+
+
+def segment_study_file_iter(paths: Mapping[str, str | os.PathLike | None], pack: Any, output: str | os.PathLike, device: str = "cpu",
+                            cancel: CancelToken | None = None) -> Job[tuple[Path, MultiseqResult]]:
+    """Read a study's sequence files, segment it and write the label volume: what ``medseg multiseq`` does."""
+    from medseg.io.nifti import is_nifti
+
+    if not is_nifti(output):
+        raise InputError(f"'{output}' is not a NIfTI name: end the output file in .nii.gz or .nii.")
+    study = load_study(paths)
+    result = yield from segment_study_iter(study, pack, device, cancel)
+    return write_label_volume(output, result, study), result
+
+
 def study_from_arrays(arrays: Mapping[str, np.ndarray | None], spacing: tuple[float, ...] | Mapping[str, tuple[float, ...]] | None = None,
                       sources: Mapping[str, str] | None = None, affine: np.ndarray | Mapping[str, np.ndarray | None] | None = None,
                       header: Any = None, hint: str = "assign at least one image to C0, LGE or T2.") -> Study:
@@ -277,6 +314,7 @@ def add_parser(sub) -> None:
     p.add_argument("--c0", help="bSSFP cine volume (C0), .nii/.nii.gz")
     p.add_argument("--lge", help="late gadolinium enhancement volume (LGE, 'DE'), .nii/.nii.gz")
     p.add_argument("--t2", help="T2-weighted volume, .nii/.nii.gz")
+    p.add_argument("--study", metavar="DIR", help="a study folder: its C0, LGE (DE) and T2 files are found by name (--c0/--lge/--t2 override)")
     p.add_argument("-o", "--output", required=True, help="output label volume, .nii.gz or .nii")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(run=_run)
@@ -284,13 +322,10 @@ def add_parser(sub) -> None:
 
 def _run(args) -> int:
     from medseg.cli import _say, drive
-    from medseg.io.nifti import is_nifti
 
-    if not is_nifti(args.output):
-        raise InputError(f"'{args.output}' is not a NIfTI name: end the output file in .nii.gz or .nii.")
-    study = load_study({"C0": args.c0, "LGE": args.lge, "T2": args.t2})
-    result = drive(segment_study_iter(study, args.model, args.device), desc="multiseq", unit="slice")
-    out = write_label_volume(args.output, result, study)
+    paths: dict[str, Any] = dict(study_files(args.study)) if args.study else {}
+    paths.update({s: p for s, p in (("C0", args.c0), ("LGE", args.lge), ("T2", args.t2)) if p})
+    out, result = drive(segment_study_file_iter(paths, args.model, args.output, args.device), desc="multiseq", unit="slice")
     _say(f"{result.notice()} -> {out} ({result.seconds:.2f} s)")
     return 0
 
@@ -307,7 +342,9 @@ __all__ = [
     "network_logits",
     "pack_sequences",
     "prepare_slice",
+    "segment_study_file_iter",
     "segment_study_iter",
+    "study_files",
     "study_from_arrays",
     "write_label_volume",
 ]

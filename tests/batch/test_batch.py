@@ -307,3 +307,52 @@ def test_manifest_with_a_missing_file_and_bad_usage(cohort, cluster, tmp_path, c
     code, err = run_main(capsys, "batch", str(inputs), "--task", "segment", "--model", PACK, "-o", str(tmp_path / "o"), "--resources", "GPU=1",
                          "--scheduler", cluster.scheduler_address)
     assert code == 1 and "No worker of the cluster" in err and "--resources \"GPU=1\"" in err and not (tmp_path / "o").exists()
+
+
+def test_multiseq_items_are_study_folders_matching_medseg_multiseq(cluster, tmp_path, capsys):
+    """Each study folder is one item; its label volume equals 'medseg multiseq --study' on it; a folder without
+    sequences is a recorded failure; a changed sequence file redoes only its study."""
+    from medseg.io.nifti import read_nifti
+
+    studies = tmp_path / "studies"
+    for sid in ("subject_110", "subject_111"):
+        src = data_dir("myops") / sid
+        (studies / sid).mkdir(parents=True)
+        for name in ("C0.nii.gz", "DE.nii.gz", "gd.nii.gz"):  # no T2; the label map must be ignored
+            shutil.copy2(src / name, studies / sid / name)
+    (studies / "empty_study").mkdir()
+    (studies / "empty_study" / "notes.txt").write_text("no images here")
+    folders = [str(p) for p in sorted(studies.iterdir())]
+    out = tmp_path / "out"
+    args = ("batch", *folders, "--task", "multiseq", "--model", "cardiac-myops", "-o", str(out), "--scheduler", cluster.scheduler_address, "--device", "cpu")
+    code, err = run_main(capsys, *args)
+    assert code == 3, err
+    rows = read_summary(out)
+    assert rows["empty_study"]["status"] == "failed" and "no NIfTI file named after a sequence" in rows["empty_study"]["error"]
+    for sid in ("subject_110", "subject_111"):
+        assert rows[sid]["status"] == "done" and "C0" in rows[sid]["result"] and "LGE" in rows[sid]["result"]
+        ref = tmp_path / f"{sid}-ref.nii.gz"
+        code, err = run_main(capsys, "multiseq", "--study", str(studies / sid), "-o", str(ref), "--device", "cpu")
+        assert code == 0, err
+        got, want = read_nifti(out / f"{sid}.nii.gz"), read_nifti(ref)
+        np.testing.assert_array_equal(got.array, want.array)
+        np.testing.assert_allclose(got.affine, want.affine)
+        assert set(np.unique(got.array)) <= {0, 200, 500, 600, 1220, 2221} and (got.array > 0).any()
+
+    before = (out / "subject_110.nii.gz").stat().st_mtime_ns
+    later = (studies / "subject_111" / "C0.nii.gz").stat().st_mtime_ns + 10**9
+    os.utime(studies / "subject_111" / "C0.nii.gz", ns=(later, later))
+    code, err = run_main(capsys, *args)
+    assert code == 3, err
+    assert err.strip().splitlines()[-1].startswith("3 items: 1 done, 1 skipped (unchanged), 1 failed"), err
+    rows = read_summary(out)
+    assert rows["subject_110"]["status"] == "skipped" and rows["subject_111"]["status"] == "done"
+    assert (out / "subject_110.nii.gz").stat().st_mtime_ns == before
+
+
+def test_multiseq_task_takes_folders_not_files(cluster, tmp_path, capsys):
+    f = tmp_path / "C0.nii.gz"
+    f.write_bytes(b"not a volume")
+    code, err = run_main(capsys, "batch", str(f), "--task", "multiseq", "--model", "cardiac-myops", "-o", str(tmp_path / "out"),
+                         "--scheduler", cluster.scheduler_address)
+    assert code == 2 and "one folder per study" in err
