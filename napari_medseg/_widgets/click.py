@@ -23,7 +23,7 @@ from medseg.interactive.clicks import Box, Click
 from medseg.interactive.session import ClickSession, Step
 from medseg.train.packs import available_packs, read_manifest, resolve
 from napari_medseg._widgets._common import device_choices
-from napari_medseg._widgets._job import JobRunner, refusing
+from napari_medseg._widgets._job import JobDock, JobRunner, refusing
 from napari_medseg._widgets.segment import layer_mpp
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Gener
     return session, step
 
 
-class ClickWidget(Container):
+class ClickWidget(JobDock, Container):
     """Point-and-click segmentation of an image layer, one object at a time."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -308,14 +308,6 @@ class ClickWidget(Container):
             with self.box_layer.events.data.blocker():
                 self.box_layer.data = []
         self._show_current()
-
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
 
 def _rgba(colour: str) -> np.ndarray:
