@@ -6,7 +6,8 @@ Labels layer as a new label (earlier labels are never overwritten) and starts th
 drops the current object. In box mode a rectangle drawn on the "click box" layer gives the object
 the pack finds inside it. Each click runs the core :class:`medseg.interactive.ClickSession` off the GUI
 thread through :class:`JobRunner`; the session (pack loaded, window predictions cached) lives as long
-as the image and pack stay the same.
+as the image, its frame and the pack stay the same. On a stack of frames the clicks work on the frame
+on screen and accepted objects go to that frame of the objects layer.
 """
 
 from __future__ import annotations
@@ -134,17 +135,18 @@ class ClickWidget(JobDock, Container):
         if layer is None:
             self.jobs.report("No image layer to click on: open an image or a sample and choose it under 'image'.", "error")
             return False
-        if layer.multiscale or layer.ndim != 2:
-            self.jobs.report(f"Layer '{layer.name}' is not a single 2-D image: open one frame or one slide region as an image layer to click on it.", "error")
+        if layer.multiscale or layer.ndim not in (2, 3):
+            self.jobs.report(f"Layer '{layer.name}' is not a 2-D image or a stack of frames: open one slide region as an image layer to click on it.", "error")
             return False
         if self.model.value is None:
             self.jobs.report("No model pack is installed: add a folder of packs to MEDSEG_MODELS, then reopen this dock.", "error")
             return False
         viewer = self._viewer
         if self.objects_layer is None or self.objects_layer not in viewer.layers:
-            self.objects_layer = viewer.add_labels(np.zeros(layer.data.shape[:2], np.uint32), name=f"{layer.name} objects", scale=layer.scale[-2:], translate=layer.translate[-2:], opacity=0.5)
+            shape = layer.data.shape[: layer.ndim]  # (H, W), or (T, H, W) for a stack: objects go to their frame
+            self.objects_layer = viewer.add_labels(np.zeros(shape, np.uint32), name=f"{layer.name} objects", scale=layer.scale, translate=layer.translate, opacity=0.5)
         if self.current_layer is None or self.current_layer not in viewer.layers:
-            self.current_layer = viewer.add_labels(np.zeros(layer.data.shape[:2], np.uint8), name=CURRENT, scale=layer.scale[-2:], translate=layer.translate[-2:], opacity=0.6)
+            self.current_layer = viewer.add_labels(np.zeros(layer.data.shape[layer.ndim - 2 : layer.ndim], np.uint8), name=CURRENT, scale=layer.scale[-2:], translate=layer.translate[-2:], opacity=0.6)
             self.current_layer.colormap = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: "#ffd700"}
         if self.clicks_layer is None or self.clicks_layer not in viewer.layers:
             self.clicks_layer = viewer.add_points(np.zeros((0, 2)), name=CLICKS, size=8, face_color=POSITIVE_COLOUR, scale=layer.scale[-2:], translate=layer.translate[-2:])
@@ -153,6 +155,7 @@ class ClickWidget(JobDock, Container):
         self.clicks_layer.mode = "pan_zoom"
         if self._on_mouse not in viewer.mouse_drag_callbacks:
             viewer.mouse_drag_callbacks.append(self._on_mouse)
+            viewer.dims.events.current_step.connect(self._on_frame_changed)
         viewer.layers.selection.active = self.clicks_layer
         self.active = True
         self.start_button.text = "Stop clicking"
@@ -162,6 +165,7 @@ class ClickWidget(JobDock, Container):
     def stop(self) -> None:
         if self._on_mouse in self._viewer.mouse_drag_callbacks:
             self._viewer.mouse_drag_callbacks.remove(self._on_mouse)
+            self._viewer.dims.events.current_step.disconnect(self._on_frame_changed)
         self.active = False
         self.start_button.text = "Start clicking"
 
@@ -192,6 +196,20 @@ class ClickWidget(JobDock, Container):
         click = Click(float(x), float(y), positive)
         self._show_click(click)
         return self._submit(click)
+
+    def frame(self) -> int | None:
+        """The frame on screen of a stack layer (None for a 2-D image)."""
+        layer = self.image.value
+        if layer is None or layer.ndim != 3:
+            return None
+        index = layer.world_to_data(self._viewer.dims.point)[0]
+        return int(np.clip(round(float(index)), 0, layer.data.shape[0] - 1))
+
+    def _on_frame_changed(self, _event=None) -> None:
+        """Another frame of a stack: the object being clicked stays on its frame; start the next one."""
+        if self._session_key is not None and self.frame() != self._session_key[1] and not self.jobs.running:
+            self._forget_session()
+            self.next_object()
 
     def _on_box_mode(self, on: bool) -> None:
         viewer = self._viewer
@@ -235,10 +253,12 @@ class ClickWidget(JobDock, Container):
             self._pending.append(action)
             return None
         layer = self.image.value
-        key = (id(layer), self.model.value, self.device.value, self.bf16.value)
+        frame = self.frame()
+        key = (id(layer), frame, self.model.value, self.device.value, self.bf16.value)
         if key != self._session_key:
             self.session, self._session_key = None, key
-        request = ClickRequest(action, self.session, layer.data, bool(layer.rgb), self.model.value, layer_mpp(layer), self.device.value, self.bf16.value)
+        data = layer.data if frame is None else layer.data[frame]
+        request = ClickRequest(action, self.session, data, bool(layer.rgb), self.model.value, layer_mpp(layer), self.device.value, self.bf16.value)
         return self.jobs.start(click_job, request, description="click", on_result=self._on_result, on_done=self._on_done)
 
     def _on_result(self, outcome: tuple[ClickSession, Step]) -> None:
@@ -284,14 +304,15 @@ class ClickWidget(JobDock, Container):
         if self.jobs.running or self.session is None or not self.session.mask.any() or self.objects_layer is None:
             self.jobs.report("There is no object to accept: click on an object first.")
             return 0
-        data = np.asarray(self.objects_layer.data)
+        data = np.array(self.objects_layer.data)  # a copy: the layer is given a new array
+        frame = self._session_key[1] if self._session_key is not None else None
+        target = data if frame is None or data.ndim == 2 else data[frame]  # a view into the copy
         label = int(data.max()) + 1
-        free = self.session.mask & (data == 0)
+        free = self.session.mask & (target == 0)
         if not free.any():
             self.jobs.report("The object lies entirely under earlier objects: nothing new to accept.")
             return 0
-        data = data.copy()
-        data[free] = label
+        target[free] = label
         self.objects_layer.data = data
         self.next_object()
         self.jobs.report(f"object {label} accepted ({int(free.sum())} pixels); click on the next object")

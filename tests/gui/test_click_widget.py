@@ -109,3 +109,21 @@ def test_a_drawn_box_segments_inside_it(make_napari_viewer, qtbot, sample):
     qtbot.waitUntil(lambda: not widget.running and widget.session is not None and widget.session.box is not None, timeout=60_000)
     current = viewer.layers["current object"].data.astype(bool)
     assert (current & (labels == 1)).sum() > 0.8 * (labels == 1).sum() and not (current & (labels == 2)).any()
+
+
+def test_on_a_stack_the_object_goes_to_the_frame_on_screen(make_napari_viewer, qtbot, sample):
+    image, labels = sample
+    viewer, widget = open_dock(make_napari_viewer, np.stack([np.roll(image, 40, axis=1), image]))
+    viewer.dims.set_current_step(0, 1)
+    assert widget.start() and widget.frame() == 1
+    head = labels == 2
+    mouse_click(widget, viewer, *centre(head))
+    qtbot.waitUntil(lambda: not widget.running and widget.session is not None and len(widget.session.steps) == 1, timeout=60_000)
+    assert widget.accept() == 1
+    objects = viewer.layers["frame objects"].data
+    assert objects.shape == (2, *image.shape) and not objects[0].any()
+    assert ((objects[1] == 1) & head).sum() > 0.9 * head.sum()
+    mouse_click(widget, viewer, *centre(head))
+    qtbot.waitUntil(lambda: not widget.running and len(widget.session.steps) == 1, timeout=60_000)
+    viewer.dims.set_current_step(0, 0)  # another frame: the unaccepted object is dropped, nothing is committed
+    assert widget.session is None and len(viewer.layers["clicks"].data) == 0 and not viewer.layers["frame objects"].data[0].any()
