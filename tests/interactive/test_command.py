@@ -49,3 +49,17 @@ def test_click_refuses_bad_points_and_clicks_off_the_image(tmp_path, capsys):
     iio.imwrite(flat, np.full((64, 64), 9, np.uint8))
     assert main(["click", str(flat), "--model", "ultrasound-fhps", "--points", "3,3", "-o", str(out)]) == 1
     assert "empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_click_with_a_box_only_and_without_anything(tmp_path, capsys):
+    root = data_dir("psfhs")
+    image = str(root / "images" / "04400.png")
+    truth = _truth(root, "04400")
+    rows, cols = np.nonzero(truth == 1)
+    box = f"{cols.min() - 5},{rows.min() - 5},{cols.max() + 5},{rows.max() + 5}"
+    out = tmp_path / "ps.png"
+    assert main(["click", image, "--model", "ultrasound-fhps", "--box", box, "-o", str(out)]) == 0
+    mask = iio.imread(out) == 1
+    assert iou(mask, truth == 1) > 0.6 and not (mask & (truth == 2)).any()
+    assert main(["click", image, "--model", "ultrasound-fhps", "-o", str(out)]) == 2
+    assert "at least one click" in capsys.readouterr().err

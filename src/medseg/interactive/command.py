@@ -13,12 +13,12 @@ def add_parser(sub) -> None:
         "click",
         help="segment one object from clicks on an image (binary mask)",
         description="Recompute one object from the image and all clicks, in order, and write its mask (uint8 0/1, the image's height and width). "
-        "An interactive pack (e.g. ultrasound-fhps-click) is guided by the clicks; an automatic pack keeps the connected object under each positive click "
+        "An interactive pack (an <id>-click pack trained with 'medseg train --interactive') is guided by the clicks; an automatic pack keeps the connected object under each positive click "
         "and removes the region under each negative click.",
     )
     p.add_argument("image", metavar="IMAGE", help="a 2-D image (grey or RGB)")
     p.add_argument("--model", "-m", required=True, help="pack id or pack folder (see 'medseg models')")
-    p.add_argument("--points", required=True, metavar='"x,y,+;x,y,-"', help="clicks in order: column, row (image pixels), + inside the object, - outside it")
+    p.add_argument("--points", default="", metavar='"x,y,+;x,y,-"', help="clicks in order: column, row (image pixels), + inside the object, - outside it")
     p.add_argument("--box", default=None, metavar="x0,y0,x1,y1", help="a box around the object, applied before the clicks (the object is kept inside it)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="mask file to write (PNG or TIFF)")
     p.add_argument("--mpp", type=float, default=None, help="pixel size of the image in µm (default: from the file when it says)")
