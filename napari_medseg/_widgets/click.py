@@ -7,7 +7,9 @@ drops the current object. In box mode a rectangle drawn on the "click box" layer
 the pack finds inside it. Each click runs the core :class:`medseg.interactive.ClickSession` off the GUI
 thread through :class:`JobRunner`; the session (pack loaded, window predictions cached) lives as long
 as the image, its frame and the pack stay the same. On a stack of frames the clicks work on the frame
-on screen and accepted objects go to that frame of the objects layer.
+on screen and accepted objects go to that frame of the objects layer. On a slide (multiscale layer)
+each object is clicked on a region read from the pyramid level nearest the pack's µm/px, and accepted
+objects become outlines (level-0 pixels) in a Shapes layer.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ClickRequest:
     mpp: float | None
     device: str
     bf16: bool
+    region: tuple[int, int, int, int] | None = None  # slides: (y0, x0, h, w) of ``data`` (one pyramid level) to read
 
 
 @refusing
@@ -56,7 +59,11 @@ def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Gener
     session = request.session
     if session is None:
         yield Progress(0, 0, f"loading {request.pack_id}")
-        session = ClickSession(np.asarray(request.data), resolve(request.pack_id), mpp=request.mpp, rgb=request.rgb, device=request.device, bf16=request.bf16)
+        data = request.data
+        if request.region is not None:  # a region of one pyramid level of a slide, read here, off the GUI thread
+            y0, x0, h, w = request.region
+            data = data[y0 : y0 + h, x0 : x0 + w]
+        session = ClickSession(np.asarray(data), resolve(request.pack_id), mpp=request.mpp, rgb=request.rgb, device=request.device, bf16=request.bf16)
     yield Progress(0, 0, "segmenting")
     action = request.action
     step = session.set_box(action) if isinstance(action, Box) else session.add(action)
@@ -77,6 +84,7 @@ class ClickWidget(JobDock, Container):
         self.current_layer: Labels | None = None
         self.box_layer: Shapes | None = None
         self.active = False
+        self._region: SlideRegion | None = None
 
         self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the image layer to click on")
         self.model = ComboBox(label="model", choices=lambda _w=None: sorted(available_packs()), tooltip="interactive packs (…-click) follow the clicks; automatic packs use the object under the click")
@@ -135,18 +143,23 @@ class ClickWidget(JobDock, Container):
         if layer is None:
             self.jobs.report("No image layer to click on: open an image or a sample and choose it under 'image'.", "error")
             return False
-        if layer.multiscale or layer.ndim not in (2, 3):
-            self.jobs.report(f"Layer '{layer.name}' is not a 2-D image or a stack of frames: open one slide region as an image layer to click on it.", "error")
+        if layer.ndim not in (2, 3) or (layer.multiscale and layer.ndim != 2):
+            self.jobs.report(f"Layer '{layer.name}' is not a 2-D image, a stack of frames or a slide: choose a 2-D image layer.", "error")
             return False
         if self.model.value is None:
             self.jobs.report("No model pack is installed: add a folder of packs to MEDSEG_MODELS, then reopen this dock.", "error")
             return False
         viewer = self._viewer
         if self.objects_layer is None or self.objects_layer not in viewer.layers:
-            shape = layer.data.shape[: layer.ndim]  # (H, W), or (T, H, W) for a stack: objects go to their frame
-            self.objects_layer = viewer.add_labels(np.zeros(shape, np.uint32), name=f"{layer.name} objects", scale=layer.scale, translate=layer.translate, opacity=0.5)
+            if layer.multiscale:  # a slide: accepted objects become outlines (level-0 pixels), never a slide-sized mask
+                self.objects_layer = viewer.add_shapes(name=f"{layer.name} objects", edge_color="#00e676", face_color="transparent", edge_width=2,
+                                                       scale=layer.scale, translate=layer.translate)
+            else:
+                shape = layer.data.shape[: layer.ndim]  # (H, W), or (T, H, W) for a stack: objects go to their frame
+                self.objects_layer = viewer.add_labels(np.zeros(shape, np.uint32), name=f"{layer.name} objects", scale=layer.scale, translate=layer.translate, opacity=0.5)
         if self.current_layer is None or self.current_layer not in viewer.layers:
-            self.current_layer = viewer.add_labels(np.zeros(layer.data.shape[layer.ndim - 2 : layer.ndim], np.uint8), name=CURRENT, scale=layer.scale[-2:], translate=layer.translate[-2:], opacity=0.6)
+            shape = (1, 1) if layer.multiscale else layer.data.shape[layer.ndim - 2 : layer.ndim]  # a slide's is sized to each region
+            self.current_layer = viewer.add_labels(np.zeros(shape, np.uint8), name=CURRENT, scale=layer.scale[-2:], translate=layer.translate[-2:], opacity=0.6)
             self.current_layer.colormap = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: "#ffd700"}
         if self.clicks_layer is None or self.clicks_layer not in viewer.layers:
             self.clicks_layer = viewer.add_points(np.zeros((0, 2)), name=CLICKS, size=8, face_color=POSITIVE_COLOUR, scale=layer.scale[-2:], translate=layer.translate[-2:])
@@ -254,12 +267,34 @@ class ClickWidget(JobDock, Container):
             return None
         layer = self.image.value
         frame = self.frame()
-        key = (id(layer), frame, self.model.value, self.device.value, self.bf16.value)
+        mpp = layer_mpp(layer)
+        region = None
+        if layer.multiscale:
+            if self._region is None or self.session is None or not self.session.steps:
+                self._region = slide_region(layer, action, self._pack_mpp())
+            region = self._region
+            ds, (y0, x0, h, w), mpp = region.downsample, region.box, region.mpp
+            action = _to_region(action, ds, y0, x0)
+            if isinstance(action, Click) and not (0 <= action.row < h and 0 <= action.col < w):
+                self._drop_last_point()
+                self.jobs.report("The click is outside the slide region of the object being clicked: accept it (Enter) or drop it (n) first.", "error")
+                return None
+        key = (id(layer), frame, self.model.value, self.device.value, self.bf16.value, None if region is None else region.box)
         if key != self._session_key:
             self.session, self._session_key = None, key
-        data = layer.data if frame is None else layer.data[frame]
-        request = ClickRequest(action, self.session, data, bool(layer.rgb), self.model.value, layer_mpp(layer), self.device.value, self.bf16.value)
+        if region is not None:
+            data = layer.data[region.level]
+        else:
+            data = layer.data if frame is None else layer.data[frame]
+        request = ClickRequest(action, self.session, data, bool(layer.rgb), self.model.value, mpp, self.device.value, self.bf16.value,
+                               None if region is None else region.box)
         return self.jobs.start(click_job, request, description="click", on_result=self._on_result, on_done=self._on_done)
+
+    def _pack_mpp(self) -> float | None:
+        try:
+            return read_manifest(available_packs()[self.model.value]).get("mpp")
+        except KeyError:
+            return None
 
     def _on_result(self, outcome: tuple[ClickSession, Step]) -> None:
         self.session, step = outcome
@@ -284,9 +319,17 @@ class ClickWidget(JobDock, Container):
                 layer.face_color = colours
 
     def _show_current(self) -> None:
-        if self.current_layer is not None:
-            mask = self.session.mask if self.session is not None else None
-            self.current_layer.data = np.zeros(self.current_layer.data.shape, np.uint8) if mask is None else mask.astype(np.uint8)
+        if self.current_layer is None:
+            return
+        mask = self.session.mask if self.session is not None else None
+        if mask is None:
+            self.current_layer.data = np.zeros(self.current_layer.data.shape, np.uint8)
+            return
+        if self._region is not None:  # a slide region: place the layer over it
+            layer, region = self.image.value, self._region
+            self.current_layer.scale = tuple(np.asarray(layer.scale[-2:]) * region.downsample)
+            self.current_layer.translate = tuple(np.asarray(layer.translate[-2:]) + np.asarray(region.box[:2]) * region.downsample * np.asarray(layer.scale[-2:]))
+        self.current_layer.data = mask.astype(np.uint8)
 
     # ------------------------------------------------------------------ object actions
     def undo(self) -> bool:
@@ -304,6 +347,8 @@ class ClickWidget(JobDock, Container):
         if self.jobs.running or self.session is None or not self.session.mask.any() or self.objects_layer is None:
             self.jobs.report("There is no object to accept: click on an object first.")
             return 0
+        if isinstance(self.objects_layer, Shapes):
+            return self._accept_outline()
         data = np.array(self.objects_layer.data)  # a copy: the layer is given a new array
         frame = self._session_key[1] if self._session_key is not None else None
         target = data if frame is None or data.ndim == 2 else data[frame]  # a view into the copy
@@ -318,8 +363,23 @@ class ClickWidget(JobDock, Container):
         self.jobs.report(f"object {label} accepted ({int(free.sum())} pixels); click on the next object")
         return label
 
+    def _accept_outline(self) -> int:
+        """A slide's object: its outline (level-0 pixels) as a new polygon of the objects layer."""
+        from medseg.measure.objects import mask_polygons
+
+        region = self._region
+        y0, x0 = region.box[:2]
+        polygons = mask_polygons(self.session.mask, offset=(y0, x0), scale=(region.downsample, region.downsample))
+        rings = [np.asarray([(y, x) for x, y in poly[0]]) for poly in polygons]
+        self.objects_layer.add_polygons(rings)
+        label = len(self.objects_layer.data)
+        self.next_object()
+        self.jobs.report(f"object {label} accepted as an outline on the slide; click on the next object")
+        return label
+
     def next_object(self) -> None:
         """Start the next object: clear the clicks, the box and the current object."""
+        self._region = None
         if self.session is not None:
             self.session.reset()
         self._pending.clear()
@@ -329,6 +389,49 @@ class ClickWidget(JobDock, Container):
             with self.box_layer.events.data.blocker():
                 self.box_layer.data = []
         self._show_current()
+
+
+@dataclass(frozen=True)
+class SlideRegion:
+    """Where a slide's object is clicked: a region of one pyramid level, read once per object."""
+
+    level: int
+    downsample: float  # level-0 pixels per pixel of this level
+    box: tuple[int, int, int, int]  # (y0, x0, h, w) in this level's pixels
+    mpp: float | None  # this level's µm per pixel
+
+
+def slide_region(layer: Image, action: Click | Box, pack_mpp: float | None) -> SlideRegion:
+    """The region around a first click (or box), at the pyramid level nearest the pack's µm/px (not
+    coarser), wide enough for two of the fallback's windows."""
+    from medseg.interactive.session import WINDOW
+
+    levels = layer.data
+    mpp0 = layer_mpp(layer)
+    downs = [levels[0].shape[0] / lv.shape[0] for lv in levels]
+    level = 0
+    if mpp0 and pack_mpp:
+        level = max((k for k, d in enumerate(downs) if mpp0 * d <= pack_mpp * 1.05), key=lambda k: downs[k], default=0)
+    ds = downs[level]
+    mpp = mpp0 * ds if mpp0 else None
+    side = int(round(2 * WINDOW * (pack_mpp / mpp if mpp and pack_mpp else 1.0)))
+    h, w = levels[level].shape[:2]
+    if isinstance(action, Box):
+        cy, cx = (action.y0 + action.y1) / 2 / ds, (action.x0 + action.x1) / 2 / ds
+        side = max(side, int((action.y1 - action.y0) / ds) + 2, int((action.x1 - action.x0) / ds) + 2)
+    else:
+        cy, cx = action.y / ds, action.x / ds
+    sh, sw = min(side, h), min(side, w)
+    y0 = int(min(max(cy - sh / 2, 0), h - sh))
+    x0 = int(min(max(cx - sw / 2, 0), w - sw))
+    return SlideRegion(level, ds, (y0, x0, sh, sw), mpp)
+
+
+def _to_region(action: Click | Box, ds: float, y0: int, x0: int) -> Click | Box:
+    """Level-0 image pixels -> pixels of a region of a pyramid level."""
+    if isinstance(action, Click):
+        return Click(action.x / ds - x0, action.y / ds - y0, action.positive)
+    return Box(int(action.x0 / ds) - x0, int(action.y0 / ds) - y0, int(np.ceil(action.x1 / ds)) - x0, int(np.ceil(action.y1 / ds)) - y0)
 
 
 def _rgba(colour: str) -> np.ndarray:

@@ -127,3 +127,44 @@ def test_on_a_stack_the_object_goes_to_the_frame_on_screen(make_napari_viewer, q
     qtbot.waitUntil(lambda: not widget.running and len(widget.session.steps) == 1, timeout=60_000)
     viewer.dims.set_current_step(0, 0)  # another frame: the unaccepted object is dropped, nothing is committed
     assert widget.session is None and len(viewer.layers["clicks"].data) == 0 and not viewer.layers["frame objects"].data[0].any()
+
+
+def test_on_a_slide_the_region_is_read_at_the_pack_resolution_and_objects_become_outlines(make_napari_viewer, qtbot):
+    import imageio.v3 as iio
+
+    from medseg.engine import Predictor
+    from medseg.train.packs import load_pack, resources_dir
+    from skimage.transform import resize
+
+    tile = iio.imread(resources_dir() / "samples" / "aidpath_10172.jpg")  # 0.5 µm/px
+    level0 = np.concatenate([tile, tile], axis=1)  # a small two-level "slide"
+    level1 = (resize(level0, (level0.shape[0] // 2, level0.shape[1] // 2), anti_aliasing=True, preserve_range=True)).astype(np.uint8)
+    pack = load_pack("kidney-glomeruli")
+    labels = Predictor(pack).predict(level1, mpp=1.0).labels  # the pack at its own 1 µm/px
+    from scipy import ndimage
+
+    comp, n = ndimage.label(labels == 1)
+    assert n > 0
+    biggest = comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
+    viewer = make_napari_viewer()
+    viewer.add_image([level0, level1], multiscale=True, rgb=True, name="slide", scale=(0.5, 0.5), metadata={"medseg": {"mpp": 0.5}})
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", "Click")
+    widget.reset_choices()
+    widget.image.value = viewer.layers["slide"]
+    widget.model.value = "kidney-glomeruli"
+    widget.device.value = "cpu"
+    row, col = centre(biggest)
+    widget.click(2 * col, 2 * row)  # level-0 pixels
+    qtbot.waitUntil(lambda: not widget.running and widget.session is not None and len(widget.session.steps) == 1, timeout=60_000)
+    region = widget._region
+    assert region.level == 1 and region.mpp == 1.0
+    y0, x0, h, w = region.box
+    current = widget.session.mask
+    assert current.shape == (h, w)
+    inside = biggest[y0 : y0 + h, x0 : x0 + w]
+    assert (current & inside).sum() > 0.8 * biggest.sum()
+    assert widget.accept() == 1
+    shapes = viewer.layers["slide objects"]
+    assert len(shapes.data) == 1 and widget._region is None
+    outline = shapes.data[0]  # level-0 (row, col) vertices
+    assert abs(outline[:, 0].mean() / 2 - row) < 0.25 * h and abs(outline[:, 1].mean() / 2 - col) < 0.25 * w
