@@ -43,7 +43,7 @@ from medseg.errors import MedsegError
 from medseg.io import describe_array
 from medseg.train.packs import MANIFEST, available_packs
 from napari_medseg._widgets._common import class_colormap, device_choices
-from napari_medseg._widgets._job import JobRunner, refusing
+from napari_medseg._widgets._job import JobDock, JobRunner, refusing
 from napari_medseg._widgets.segment import _LayerImage, layer_mpp
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def compare_job(request: CompareRequest, cancel: CancelToken | None = None) -> G
 
 
 # --------------------------------------------------------------------------- the widget (GUI thread)
-class CompareWidget(Container):
+class CompareWidget(JobDock, Container):
     """Compare model packs on one image: side by side or overlaid, with a table, a plot and adoption."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -238,17 +238,6 @@ class CompareWidget(Container):
         self._source = layer
         return self.jobs.start(compare_job, self._request, description=f"Comparing {len(models)} models on {layer.name}",
                                on_result=self._on_result)
-
-    def cancel(self, _value=None) -> None:
-        self.jobs.cancel()
-
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     def _refuse(self, message: str) -> None:
         self.jobs.report(message, "error")

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
-from napari.layers import Image, Labels, Shapes
+from napari.layers import Image, Labels
 
 from medseg.annotate.edits import Diff
 from medseg.annotate.session import CorrectionSession
 from medseg.errors import MedsegError
-from napari_medseg._widgets._job import JobRunner
+from napari_medseg._widgets._job import JobDock, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -83,7 +83,7 @@ def painted_diff(layer_data: np.ndarray, atoms: Sequence[Any]) -> Diff | None:
     return Diff(y0, x0, old, new)
 
 
-class CorrectWidget(Container):
+class CorrectWidget(JobDock, Container):
     """Review and correct predicted objects; export; fine-tune the pack on the corrections."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:

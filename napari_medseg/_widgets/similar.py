@@ -19,7 +19,7 @@ from napari.layers import Image, Shapes
 
 from medseg.engine import CancelToken, Progress
 from medseg.pretrain.retrieval import SimilarCase, SimilarIndex, load_index, similar_iter
-from napari_medseg._widgets._job import JobRunner
+from napari_medseg._widgets._job import JobDock, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -61,7 +61,7 @@ def region_of(shapes: Shapes, image: Image) -> tuple[int, int, int, int] | None:
     return int(y0), int(x0), int(y1), int(x1)
 
 
-class SimilarWidget(Container):
+class SimilarWidget(JobDock, Container):
     """Find archived cases similar to an image layer (or to a rectangle drawn on it)."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
@@ -125,14 +125,6 @@ class SimilarWidget(Container):
         index = self._index if self._index is not None and self._index.path == folder else None
         request = SimilarRequest(layer.name, frame, bool(layer.rgb), folder, int(self.k.value), str(self.by.value), region, index)
         return self.jobs.start(similar_job, request, description=f"Finding cases similar to {layer.name}", on_result=self._on_result)
-
-    @property
-    def running(self) -> bool:
-        return self.jobs.running
-
-    @property
-    def last_message(self) -> str:
-        return self.jobs.last_message
 
     # ------------------------------------------------------------------ job outcome (GUI thread)
     def _on_result(self, outcome: tuple[SimilarIndex, list[SimilarCase]]) -> None:
