@@ -7,6 +7,7 @@ A traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -580,17 +581,31 @@ def wsi_objects(result, pack, min_area_um2: float | None = None, csv=None, geojs
 
 
 # --------------------------------------------------------------------------- main
-# Each entry adds one subcommand; feature modules contribute theirs here.
-SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info]
-SUBCOMMANDS.extend([_add_train, _add_evaluate])
-SUBCOMMANDS.append(_add_wsi)
-SUBCOMMANDS.append(_add_biometry)
-SUBCOMMANDS.extend([lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_correct_parser(sub), lambda sub: __import__("medseg.annotate.cli", fromlist=["x"]).add_finetune_parser(sub)])
-SUBCOMMANDS.append(lambda sub: __import__("medseg.compare", fromlist=["add_parser"]).add_parser(sub))
-SUBCOMMANDS.append(lambda sub: __import__("medseg.pretrain.cli", fromlist=["add_parser"]).add_parser(sub))
-SUBCOMMANDS.append(lambda sub: __import__("medseg.multiseq", fromlist=["add_parser"]).add_parser(sub))
-SUBCOMMANDS.append(lambda sub: __import__("medseg.batch").batch.add_parser(sub))
-SUBCOMMANDS.append(lambda sub: __import__("medseg.interactive.command", fromlist=["add_parser"]).add_parser(sub))
+# The feature modules' subcommands, as "module:function" (the function adds one parser; the module is
+# imported when the parser is built, so a feature's own imports stay out of the others' way).
+FEATURE_COMMANDS = (
+    "medseg.batch:add_parser",
+    "medseg.compare:add_parser",
+    "medseg.interactive.command:add_parser",
+    "medseg.annotate.cli:add_correct_parser",
+    "medseg.annotate.cli:add_finetune_parser",
+    "medseg.multiseq:add_parser",
+    "medseg.pretrain.cli:add_parser",
+)
+
+
+def _feature_command(spec: str) -> Callable:
+    module, function = spec.split(":")
+
+    def add(sub) -> None:
+        getattr(importlib.import_module(module), function)(sub)
+
+    return add
+
+
+# Each entry adds one subcommand.
+SUBCOMMANDS: list[Callable] = [_add_segment, _add_models, _add_info, _add_train, _add_evaluate, _add_wsi, _add_biometry,
+                               *map(_feature_command, FEATURE_COMMANDS)]
 
 
 def build_parser() -> argparse.ArgumentParser:
