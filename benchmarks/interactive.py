@@ -178,6 +178,8 @@ def main() -> None:
                              "IoU@1": f"{s['iou1']:.3f}", "IoU@3": f"{s['iou3']:.3f}", "IoU@5": f"{s['iou5']:.3f}",
                              "ms/click CPU / wall (median)": f"{s['cpu_ms_per_click']:.0f} / {s['ms_per_click']:.0f}"})
     accuracy_s = time.perf_counter() - t0
+    met = [f"{r['object']} ({r['method']}, {r['NoC@90']})" for r in rows if r.get("met") == "yes"]
+    missed = sorted({r["object"] for r in rows if r.get("met")} - {r["object"] for r in rows if r.get("met") == "yes"})
     lat = latency("kidney-glomeruli", "kidney-glomeruli-click", args.repeats)
     torch.set_num_threads(args.threads)
     body = [
@@ -187,6 +189,8 @@ def main() -> None:
         "the automatic pack's row is its best-matching connected component without clicks.",
         "",
         table(rows, ["object", "data", "objects", "method", "NoC@85", "NoC@90", "NoC@90 target", "met", "not at 0.90 after 20", "IoU@1", "IoU@3", "IoU@5", "ms/click CPU / wall (median)"]),
+        "",
+        f"NoC@90 targets met: {', '.join(met) or 'none'}; not met: {', '.join(missed) or 'none'}.",
         "",
         "Latency of one click on a glomerulus, the network seeing a 512 x 512 window (kidney-glomeruli packs, a glomeruli test tile; "
         "resampled: the tile's 0.5 µm/px brought to the pack's 1 µm/px and the result back, included; median of "

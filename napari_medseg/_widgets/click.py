@@ -24,7 +24,8 @@ from napari.layers import Image, Labels, Points, Shapes
 from medseg.engine import CancelToken, Progress
 from medseg.interactive.clicks import Box, Click
 from medseg.interactive.session import ClickSession, Step
-from medseg.train.packs import available_packs, read_manifest, resolve
+from medseg.errors import MedsegError
+from medseg.train.packs import available_packs, find_pack, read_manifest, resolve
 from napari_medseg._widgets._common import device_choices
 from napari_medseg._widgets._job import JobDock, JobRunner, refusing
 from napari_medseg._widgets.segment import layer_mpp
@@ -87,7 +88,7 @@ class ClickWidget(JobDock, Container):
         self._region: SlideRegion | None = None
 
         self.image = ComboBox(label="image", choices=self._image_choices, tooltip="the image layer to click on")
-        self.model = ComboBox(label="model", choices=lambda _w=None: sorted(available_packs()), tooltip="interactive packs (…-click) follow the clicks; automatic packs use the object under the click")
+        self.model = ComboBox(label="model", choices=lambda _w=None: sorted({**available_packs(), **available_packs("interactive")}), tooltip="interactive packs (…-click) follow the clicks; automatic packs use the object under the click")
         self.model_info = Label(label="", value="")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
         self.bf16 = CheckBox(label="bf16 on CPU", value=True, tooltip="bf16 arithmetic on the CPU: about twice as fast per click")
@@ -126,7 +127,7 @@ class ClickWidget(JobDock, Container):
         if pack_id is None:
             self.model_info.value = "no pack installed: add a folder of packs to MEDSEG_MODELS"
             return
-        manifest = read_manifest(available_packs()[pack_id])
+        manifest = read_manifest(find_pack(pack_id))
         kind = "interactive: follows positive and negative clicks" if manifest.get("interactive") else "automatic: keeps the object under each click"
         self.model_info.value = kind
 
@@ -292,8 +293,8 @@ class ClickWidget(JobDock, Container):
 
     def _pack_mpp(self) -> float | None:
         try:
-            return read_manifest(available_packs()[self.model.value]).get("mpp")
-        except KeyError:
+            return read_manifest(find_pack(self.model.value)).get("mpp")
+        except MedsegError:
             return None
 
     def _on_result(self, outcome: tuple[ClickSession, Step]) -> None:

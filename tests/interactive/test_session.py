@@ -181,3 +181,20 @@ def test_bf16_clicks_give_the_same_object_as_float32():
     exact = segment_clicks(image, pack, clicks).astype(bool)
     fast = segment_clicks(image, pack, clicks, bf16=True).astype(bool)
     assert exact.sum() > 1000 and iou(exact, fast) > 0.97
+
+
+def test_the_shipped_interactive_pack_is_listed_apart_and_refused_by_the_automatic_predictor(tmp_path):
+    from medseg.engine import Predictor
+    from medseg.errors import ModelError
+    from medseg.train.packs import available_packs, load_pack
+
+    assert "colon-polyp-click" not in available_packs() and "colon-polyp-click" in available_packs("interactive")
+    pack = load_pack("colon-polyp-click")
+    assert pack.interactive and pack.manifest["kind"] == "interactive" and pack.manifest["click_encoding"] == ENCODING
+    assert pack.manifest["training"]["init_from"]["pack"] == "colon-polyp" and pack.manifest["metrics"]["polyp"]["objects"] > 0
+    with pytest.raises(ModelError, match="is interactive: it segments from clicks"):
+        Predictor(pack)
+    image, ids = disk_image()
+    rgb = np.repeat(image[..., None], 3, axis=-1)
+    step = ClickSession(rgb, pack, bf16=True).add(Click(40, 40))
+    assert step.ran_network and step.mask.shape == image.shape

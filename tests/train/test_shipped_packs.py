@@ -18,6 +18,7 @@ from tests.conftest import data_dir
 EXPECTED = {"ultrasound-fhps": "psfhs", "kidney-glomeruli": "glomeruli", "colon-polyp": "polyp"}
 MULTI_SEQUENCE = {"cardiac-myops"}  # several inputs per case: tested in tests/multiseq and benchmarks/multiseq.py
 OTHER_TASKS = {"ultrasound-tapslf", "ultrasound-keyframes"}  # multi-task and key-frame packs: tests/train/test_shipped_ultrasound_packs.py
+INTERACTIVE = {"colon-polyp-click"}  # click-guided packs: tests/interactive
 PACKS_DIR = resources_dir() / "packs"
 N_IMAGES = 5
 MAX_WEIGHTS_MIB = 25
@@ -54,7 +55,7 @@ def test_the_three_packs_are_shipped():
     ids = shipped_ids()
     if not ids:
         pytest.skip(f"no packs are shipped yet in {PACKS_DIR} (they are added when training has finished)")
-    assert set(EXPECTED) | MULTI_SEQUENCE <= ids <= set(EXPECTED) | MULTI_SEQUENCE | OTHER_TASKS
+    assert set(EXPECTED) | MULTI_SEQUENCE <= ids <= set(EXPECTED) | MULTI_SEQUENCE | OTHER_TASKS | INTERACTIVE
 
 
 @pytest.mark.parametrize("pack_id", sorted(EXPECTED))

@@ -151,6 +151,8 @@ class Predictor:
                 f"Pack '{pack.id}' takes several co-registered sequences per case ({', '.join(pack.manifest['sequences'])}), not one image: "
                 "use 'medseg multiseq' or the Multi-sequence dock."
             )
+        if pack.interactive:
+            raise ModelError(f"Pack '{pack.id}' is interactive: it segments from clicks; use 'medseg click' or the Click dock, or choose an automatic pack here.")
         if pack.manifest.get("kind", "segmentation") != "segmentation":
             raise ModelError(
                 f"Pack '{pack.id}' is a {pack.manifest['kind']} pack ({pack.manifest.get('task', 'not a segmentation model')}), not a segmentation "

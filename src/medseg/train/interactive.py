@@ -103,7 +103,7 @@ class InteractiveTrainer(_Trainer):
     def live_pack(self, model: nn.Module, pack_id: str = "validation") -> Pack:
         r = self.recipe
         classes = [ClassInfo(0, "background", "#000000"), ClassInfo(1, "object", "#ffd700")]
-        return Pack(pack_id, model, self.cfg.arch, self.cfg.config, r.in_channels, classes, self.normaliser, "softmax", r.mpp, self.crop, r.overlap, interactive=True, manifest={"click_encoding": self.encoding})
+        return Pack(pack_id, model, self.cfg.arch, self.cfg.config, r.in_channels, classes, self.normaliser, "softmax", r.mpp, self.crop, r.overlap, interactive=True, manifest={"kind": "interactive", "click_encoding": self.encoding})
 
     # ---------------------------------------------------------------- steps
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any, scheduler=None) -> float:
