@@ -28,7 +28,7 @@ def chosen_manifest(pack_id: str | None, none_installed: str) -> tuple[dict[str,
     if pack_id is None:
         return None, none_installed
     try:
-        return read_manifest(available_packs()[pack_id]), ""
+        return read_manifest(available_packs(kind=None)[pack_id]), ""
     except (KeyError, MedsegError) as exc:
         return None, str(exc)
 

@@ -17,9 +17,8 @@ from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.layers import Image, Labels
 
 from medseg.engine import CancelToken, Progress
-from medseg.errors import MedsegError
 from medseg.multiseq import SEQUENCES, MultiseqResult, segment_study_iter, study_from_arrays
-from medseg.train.packs import available_packs, read_manifest
+from medseg.train.packs import available_packs
 from napari_medseg._nifti_io import from_layer_array, to_layer_array
 from napari_medseg._widgets._common import chosen_manifest, class_colormap, device_choices
 from napari_medseg._widgets._job import JobDock, JobRunner, refusing
@@ -102,14 +101,7 @@ class MultiseqWidget(JobDock, Container):
         return [(NONE, None)] + [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image) and not layer.rgb]
 
     def _pack_choices(self, _widget=None) -> list[str]:
-        packs = []
-        for pack_id, folder in sorted(available_packs().items()):
-            try:
-                if read_manifest(folder).get("sequences"):
-                    packs.append(pack_id)
-            except MedsegError:
-                continue
-        return packs
+        return sorted(available_packs(kind="multisequence"))
 
     def _on_layers_changed(self, _event=None) -> None:
         """Refresh the choices and fill empty boxes with layers whose names say which sequence they are."""

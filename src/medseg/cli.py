@@ -155,17 +155,19 @@ def _add_models(sub) -> None:
 
 def _run_models(args) -> int:
     from medseg import models
-    from medseg.train.packs import available_packs, read_manifest
+    from medseg.train.packs import available_packs, pack_kind, read_manifest
 
     packs = []
-    for pid, folder in available_packs().items():
+    for pid, folder in available_packs(kind=None).items():
         try:
             m = read_manifest(folder)
         except MedsegError as exc:
             m = {"error": str(exc)}
+        kind = pack_kind(folder) or "unreadable"
         packs.append(
             {
                 "id": pid,
+                "kind": kind,
                 "path": str(folder),
                 "architecture": m.get("architecture"),
                 "config": m.get("config"),
@@ -182,7 +184,8 @@ def _run_models(args) -> int:
         return 0
     print("Packs (run these with --model):")
     for p in packs or [{"id": "(none found)", "architecture": "", "config": "", "classes": []}]:
-        print(f"  {p['id']:<28} {p['architecture'] or ''}/{p['config'] or ''}  classes: {', '.join(p['classes'])}")
+        kind = "" if p.get("kind", "segmentation") == "segmentation" else f"  [{p['kind']}]"
+        print(f"  {p['id']:<28} {p['architecture'] or ''}/{p['config'] or ''}  classes: {', '.join(p['classes'])}{kind}")
     print("\nArchitectures (train packs from these with 'medseg train'):")
     for a in archs:
         print(f"  {a['name']:<14} {a['title']}  [{', '.join(a['configs'])}]")

@@ -80,7 +80,7 @@ def test_cli_end_to_end_on_a_real_subject(tmp_path, capsys):
     subject = data_dir("myops") / "subject_110"
     from medseg.train.packs import available_packs
 
-    if "cardiac-myops" not in available_packs():
+    if "cardiac-myops" not in available_packs(kind="multisequence"):
         pytest.skip("the cardiac-myops pack is not installed (resources/packs/cardiac-myops)")
     out = tmp_path / "labels.nii.gz"
     code = main(["multiseq", "--model", "cardiac-myops", "--c0", str(subject / "C0.nii.gz"), "--lge", str(subject / "DE.nii.gz"),

@@ -92,3 +92,14 @@ def test_available_packs_lists_segmentation_packs_unless_asked_for_every_kind(sa
     assert "report-encoder" in available_packs(kind=None)
     assert available_packs(kind="cmcgns-encoder").keys() >= {"report-encoder"}
     assert find_pack("report-encoder") == encoder
+
+
+def test_a_pack_that_names_sequences_is_a_multisequence_pack(saved_pack):
+    import json
+
+    from medseg.train.packs import available_packs
+
+    manifest = json.loads((saved_pack / "manifest.json").read_text())
+    (saved_pack / "manifest.json").write_text(json.dumps({**manifest, "sequences": ["C0", "LGE", "T2"]}))
+    assert "test-unet" not in available_packs()  # not offered where one image is segmented
+    assert "test-unet" in available_packs(kind="multisequence")

@@ -108,18 +108,23 @@ def available_packs(kind: str | None = "segmentation") -> dict[str, Path]:
         if not d.is_dir():
             continue
         for sub in sorted(d.iterdir()):
-            if (sub / MANIFEST).is_file() and sub.name not in found and (kind is None or _pack_kind(sub) in (kind, None)):
+            if (sub / MANIFEST).is_file() and sub.name not in found and (kind is None or pack_kind(sub) in (kind, None)):
                 found[sub.name] = sub
     return found
 
 
-def _pack_kind(folder: Path) -> str | None:
-    """The manifest's kind (``segmentation`` when it says none); ``None`` when the manifest is unreadable."""
+def pack_kind(folder: Path) -> str | None:
+    """The manifest's kind (``multisequence`` when it names sequences, else ``segmentation``, when it says none);
+    ``None`` when the manifest is unreadable."""
     try:
         manifest = read_manifest(folder)
     except (ModelError, OSError):
         return None
-    return str(manifest.get("kind", "segmentation")) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        return None
+    if "kind" not in manifest and manifest.get("sequences"):
+        return "multisequence"  # several co-registered sequences per case (DMAF-Net): medseg multiseq, not the Predictor
+    return str(manifest.get("kind", "segmentation"))
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
