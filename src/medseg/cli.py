@@ -294,6 +294,8 @@ def _add_train(sub) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS, help="no mixed precision on GPU")
     p.add_argument("--cpu-bf16", action="store_true", default=argparse.SUPPRESS, help="bf16 autocast on the CPU")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS, help="train without augmentation")
+    p.add_argument("--balance-sources", dest="balance_sources", action="store_true", default=argparse.SUPPRESS,
+                   help="give every acquisition source (e.g. each glomeruli collection) an equal share of the training samples")
     p.set_defaults(run=_run_train)
 
 
@@ -311,7 +313,7 @@ def _train_command(args) -> str:
     for key, flag in (("classes", "--classes"), ("out", "--output")):
         if key in given:
             parts += [flag, str(given[key])]
-    for key, flag, value in (("resume", "--resume", True), ("fresh", "--fresh", True), ("amp", "--no-amp", False), ("cpu_bf16", "--cpu-bf16", True), ("augment", "--no-augment", False)):
+    for key, flag, value in (("resume", "--resume", True), ("fresh", "--fresh", True), ("amp", "--no-amp", False), ("cpu_bf16", "--cpu-bf16", True), ("augment", "--no-augment", False), ("balance_sources", "--balance-sources", True)):
         if given.get(key, not value) == value:
             parts.append(flag)
     return shlex.join(parts)
@@ -324,7 +326,7 @@ def _run_train(args) -> int:
     for key in [k for _, (k, _, _) in _TRAIN_FLAGS.items()]:
         if hasattr(args, f"train_{key}"):
             options[key] = getattr(args, f"train_{key}")
-    for key in ("out", "resume", "fresh", "amp", "cpu_bf16", "augment"):
+    for key in ("out", "resume", "fresh", "amp", "cpu_bf16", "augment", "balance_sources"):
         if hasattr(args, key):
             options[key] = getattr(args, key)
     if hasattr(args, "classes"):

@@ -170,3 +170,15 @@ def test_train_samples_are_deterministic_in_any_order():
     assert epoch0 == [0, 1, 2]  # every case once per epoch
     x, y = s1.batch(2, 4)
     assert x.shape == (4, 3, 24, 24) and y.shape == (4, 24, 24) and y.dtype == np.int64
+
+
+def test_balance_sources_gives_each_source_an_equal_share():
+    from medseg.train.datasets import balance_sources
+
+    big = [Case(f"h{i}", Path("unused"), None, source="hubmap") for i in range(20)]
+    small = [Case(f"a{i}", Path("unused"), None, source="aidpath") for i in range(3)]
+    out = balance_sources(big + small)
+    counts = {s: sum(c.source == s for c in out) for s in ("hubmap", "aidpath")}
+    assert counts == {"hubmap": 20, "aidpath": 21}  # 3 cases x round(20 / 3) = 7 repeats
+    assert [c.id for c in out[:20]] == [c.id for c in big]  # the large source is kept once, in order
+    assert balance_sources(big) == big  # one source: unchanged

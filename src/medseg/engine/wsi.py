@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from medseg.engine.devices import resolve_device
-from medseg.engine.predictor import _BandBlender, blend_weights, class_indices, forward_scores, tile_starts, tta_flips
+from medseg.engine.predictor import _BandBlender, blend_weights, channel_argmax, class_indices, forward_scores, tile_starts, tta_flips
 from medseg.engine.progress import CancelToken, Job, Progress, check_cancel, run_sync
 from medseg.engine.tissue import TissueMask, detect_tissue
 from medseg.errors import Cancelled, InputError, UsageError
@@ -453,7 +453,7 @@ def _assemble(acc: torch.Tensor, wsum: torch.Tensor, activation: str, cfg: Slide
     cov = wsum.clamp_min(1e-12)
     if vote:
         fg = acc[1:].sum(0)
-        idx = torch.where(fg >= cfg.min_votes, 1 + acc[1:].argmax(0), torch.zeros_like(fg, dtype=torch.long))
+        idx = torch.where(fg >= cfg.min_votes, 1 + channel_argmax(acc[1:], 0), torch.zeros_like(fg, dtype=torch.long))
         conf = torch.where(idx > 0, fg, cov - fg) / cov
     else:
         probs = acc / cov

@@ -171,6 +171,22 @@ def evenly(cases: Sequence[Case], limit: int | None) -> list[Case]:
     return [cases[i] for i in idx]
 
 
+def balance_sources(cases: Sequence[Case]) -> list[Case]:
+    """The cases with each acquisition source's cases repeated so that every source makes about the
+    same share of an epoch (one section of 185 tiles next to 10 biopsy tiles would otherwise teach
+    the network that section). Cases without a source count as one source; order is kept per source."""
+    groups: dict[str, list[Case]] = {}
+    for c in cases:
+        groups.setdefault(c.source, []).append(c)
+    if len(groups) < 2:
+        return list(cases)
+    largest = max(len(g) for g in groups.values())
+    out: list[Case] = []
+    for g in groups.values():
+        out.extend(g * max(1, round(largest / len(g))))
+    return out
+
+
 # --------------------------------------------------------------------------- samples
 @dataclass
 class Loaded:
@@ -286,6 +302,7 @@ __all__ = [
     "MASK_KINDS",
     "SegmentationDataset",
     "TrainSamples",
+    "balance_sources",
     "check_groups",
     "evenly",
     "folder_cases",

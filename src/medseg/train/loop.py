@@ -39,7 +39,7 @@ from medseg.errors import Cancelled, UsageError
 from medseg.io.atomic import atomic_path
 from medseg.normalise import Normaliser
 from medseg.train.augment import NONE
-from medseg.train.datasets import SegmentationDataset, TrainSamples, evenly, folder_cases
+from medseg.train.datasets import SegmentationDataset, TrainSamples, balance_sources, evenly, folder_cases
 from medseg.train.evaluate import EvalOptions, evaluate_iter, headline, mean_dice, write_report
 from medseg.train.losses import DiceCELoss
 from medseg.train.packs import Pack, load_pack, save_pack
@@ -87,6 +87,7 @@ class TrainConfig:
     train_folder: str | None = None  # train on this folder's images/ + masks/ (class indices) instead of the recipe's training split; validation stays the recipe's
     train_replay: bool = False  # with train_folder: also draw from the recipe's training split (the folder's cases repeated to make half the samples)
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
+    balance_sources: bool = False  # repeat each acquisition source's training cases to an equal share of an epoch
     workdir: str = "work"
     run: str | None = None
     resume: bool = False
@@ -246,6 +247,8 @@ class _Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_path = self.run_dir / CHECKPOINT
         train_cases = folder_cases(cfg.train_folder) if cfg.train_folder else self.recipe.cases("train", cfg.data_root)
+        if cfg.balance_sources and not cfg.train_folder:
+            train_cases = balance_sources(train_cases)
         if cfg.train_folder and cfg.train_replay:
             original = self.recipe.cases("train", cfg.data_root)
             train_cases = original + train_cases * max(1, round(len(original) / len(train_cases)))
