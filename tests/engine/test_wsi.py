@@ -99,11 +99,11 @@ def test_tissue_mask_excludes_glass_and_skips_its_tiles(mosaic, tmp_path):
 
 def test_level_closest_to_the_pack_mpp(mosaic, tmp_path):
     path, _, _ = mosaic
-    pack = oracle_pack(mpp=TILE_MPP * 2.2, tile=64)
+    pack = oracle_pack(mpp=TILE_MPP * 2.02, tile=64)  # level 1 is 1 % off: used as it is
     result = segment_slide(path, pack, tmp_path / "l1.zarr", SlideConfig(device="cpu", tissue=False, chunk=64))
     assert result.level == 1 and result.shape == (400, 576)
     assert result.mpp == pytest.approx(TILE_MPP * 2)
-    assert result.scale == (2.0, 2.0)
+    assert result.scale == (2.0, 2.0) and result.info["zoom"] == 1.0
     assert result.info["pyramid_levels"] >= 2
     pyramid = result.pyramid()
     assert pyramid[1].shape == (200, 288)
@@ -182,3 +182,27 @@ def test_an_output_holding_another_run_is_refused_unless_overwritten(mosaic, tmp
         segment_slide(path, oracle_pack(tile=64), out, SlideConfig(device="cpu", region=(0, 0, 300, 300)))
     result = segment_slide(path, oracle_pack(tile=64), out, SlideConfig(device="cpu", region=(0, 0, 300, 300), overwrite=True))
     assert result.complete
+
+
+def test_a_level_off_the_pack_mpp_is_resampled_to_it(tmp_path):
+    """A one-level slide at half the pack's µm/px: every tile is read over twice the area and shrunk, so
+    the network sees the pack's scale. The labels equal the Predictor's on the image shrunk once to the
+    pack's µm/px, except within a pixel or two of tile borders (each tile is shrunk on its own)."""
+    from medseg.io.slides import write_pyramid
+    from medseg.resample import resample_image
+
+    _, img, _ = write_mosaic_slide(tmp_path / "m")
+    crop = img[96:480, 96:608]
+    path = write_pyramid(tmp_path / "fine.tif", crop, mpp=TILE_MPP, levels=1)
+    shrunk = resample_image(crop, (crop.shape[0] // 2, crop.shape[1] // 2))
+    pack = unet_rgb_pack(mpp=TILE_MPP * 2, tile=64, balance_on=shrunk)
+    result = segment_slide(path, pack, tmp_path / "z.zarr", SlideConfig(tissue=False, chunk=64, device="cpu"))
+    assert result.level == 0 and result.info["zoom"] == 0.5
+    assert result.shape == shrunk.shape[:2] and result.scale == (2.0, 2.0)
+    assert result.mpp == pytest.approx(TILE_MPP * 2)
+    expected = Predictor(pack, PredictConfig(tile=64, overlap=pack.overlap, device="cpu")).predict(shrunk).labels
+    labels = result.labels[...]
+    assert 0.05 < labels.mean() < 0.95
+    assert (labels == expected).mean() > 0.98
+    # the old behaviour (the level as it is) would give a label map of the full size
+    assert labels.shape != crop.shape[:2]

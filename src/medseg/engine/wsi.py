@@ -1,8 +1,10 @@
 """Whole-slide inference that streams class labels into a chunked zarr pyramid on disk.
 
-The run picks the pyramid level whose µm/px is closest to the pack's, lays the Predictor's tile grid
-over it (same starts, same blending weights, so a level small enough for both gives the Predictor's
-labels exactly), sends only tiles that touch tissue to the model, and assembles them either by
+The run picks the pyramid level whose µm/px is closest to the pack's and, when that level is more
+than 2 % off the pack's µm/px (a 0.5 µm/px slide under a 1 µm/px pack), resamples every tile it
+reads to the pack's µm/px, so the network always sees tissue at the scale it was trained on; it lays
+the Predictor's tile grid over that grid (same starts, same blending weights, so a level small
+enough for both gives the Predictor's labels exactly), sends only tiles that touch tissue to the model, and assembles them either by
 weighted probability blending or by the KPIs baseline vote (spec §10.3 steps 2-3: windows on the
 organisers' grid, a pixel is foreground when at least two windows say so).
 
@@ -15,7 +17,8 @@ writer thread writes finished chunk rows, so reading, blending and writing overl
 Output (``OUT.zarr``, zarr v3):
 
 - ``labels/0`` … ``labels/K``: uint8 class values; level k is level 0 subsampled by 2**k (nearest);
-  chunks ``chunk x chunk``; level 0 is the inference level's pixel grid;
+  chunks ``chunk x chunk``; level 0 is the inference grid (the chosen level, resampled to the pack's
+  µm/px where it differs);
 - ``confidence``: uint8, 255 x the blended probability of the chosen class (vote mode: the share of
   windows that agree);
 - ``tissue``: the tissue mask used (uint8 on its overview grid);
@@ -51,6 +54,7 @@ from medseg.engine.tissue import TissueMask, detect_tissue
 from medseg.errors import Cancelled, InputError, UsageError
 from medseg.io.slides import Slide, open_slide
 from medseg.normalise import adapt_channels
+from medseg.resample import resample_image
 from medseg.train.packs import ClassInfo, Pack
 
 FORMAT_VERSION = 1
@@ -164,8 +168,18 @@ class _Plan:
     tw: int
     ys: list[int]
     xs: list[int]
-    box: tuple[int, int, int, int]  # y0, x0, y1, x1 at the level, chunk aligned
-    scale: tuple[float, float]
+    box: tuple[int, int, int, int]  # y0, x0, y1, x1 on the inference grid, chunk aligned
+    scale: tuple[float, float]  # slide level-0 px per inference-grid px
+    zoom: float = 1.0  # inference-grid px per px of the level (1: the level is used as it is)
+
+    def read_tile(self, slide: Slide, y: int, x: int) -> np.ndarray:
+        """RGB tile ``(th, tw)`` of the inference grid at (y, x): read from the level, resampled when zoomed."""
+        if self.zoom == 1.0:
+            return slide.read_region(self.level, y, x, self.th, self.tw)
+        z = self.zoom
+        sy0, sx0 = int(math.floor(y / z + 1e-6)), int(math.floor(x / z + 1e-6))
+        sh, sw = max(1, int(round((y + self.th) / z)) - sy0), max(1, int(round((x + self.tw) / z)) - sx0)
+        return resample_image(slide.read_region(self.level, sy0, sx0, sh, sw), (self.th, self.tw))
 
 
 def segment_slide(slide: Slide | str | os.PathLike, pack: Pack, output: str | os.PathLike, config: SlideConfig | None = None) -> SlideResult:
@@ -202,6 +216,9 @@ def _plan(slide: Slide, pack: Pack, cfg: SlideConfig) -> _Plan:
         raise UsageError(f"Level {level} does not exist in '{slide.path.name}': choose a level from 0 to {slide.level_count - 1}.")
     h, w = slide.levels[level].shape
     sy, sx = slide.level_scale(level)
+    zoom = slide_zoom(slide.level_mpp(level), pack.mpp)
+    if zoom != 1.0:
+        h, w, sy, sx = max(1, int(round(h * zoom))), max(1, int(round(w * zoom))), sy / zoom, sx / zoom
     c = cfg.chunk
     if cfg.region is not None:
         rx, ry, rw, rh = cfg.region
@@ -219,7 +236,19 @@ def _plan(slide: Slide, pack: Pack, cfg: SlideConfig) -> _Plan:
     starts = kpis_tile_starts if cfg.assembly == "vote" else tile_starts
     ys = [box[0] + s for s in starts(bh, th, _stride(th, overlap))]
     xs = [box[1] + s for s in starts(bw, tw, _stride(tw, overlap))]
-    return _Plan(level, h, w, th, tw, ys, xs, box, (sy, sx))
+    return _Plan(level, h, w, th, tw, ys, xs, box, (sy, sx), zoom)
+
+
+ZOOM_TOLERANCE = 0.02  # a level within 2 % of the pack's µm/px is used as it is (training scale jitter is far wider)
+
+
+def slide_zoom(level_mpp: float | None, pack_mpp: float | None) -> float:
+    """Inference-grid px per level px that brings ``level_mpp`` to ``pack_mpp`` (1 when either is unknown
+    or they agree within :data:`ZOOM_TOLERANCE`)."""
+    if not level_mpp or not pack_mpp:
+        return 1.0
+    z = round(float(level_mpp) / float(pack_mpp), 6)  # 0.5, not 0.5000000000000001: exact source pixels for 2x, 4x
+    return 1.0 if abs(z - 1.0) <= ZOOM_TOLERANCE else z
 
 
 def _run_key(slide: Slide, pack: Pack, cfg: SlideConfig, plan: _Plan) -> dict[str, Any]:
@@ -232,6 +261,7 @@ def _run_key(slide: Slide, pack: Pack, cfg: SlideConfig, plan: _Plan) -> dict[st
         "tile": [plan.th, plan.tw],
         "grid": [plan.ys[:3], plan.xs[:3], len(plan.ys), len(plan.xs)],
         "box": list(plan.box),
+        **({"zoom": plan.zoom} if plan.zoom != 1.0 else {}),
         "assembly": cfg.assembly,
         "blend": cfg.blend,
         "sigma_scale": cfg.sigma_scale,
@@ -278,6 +308,7 @@ def _open_output(path: Path, key: dict[str, Any], slide: Slide, pack: Pack, plan
     nr, nc = -(-plan.height // c), -(-plan.width // c)
     root.create_array("done", shape=(nr, nc), chunks=(min(nr, 1024), min(nc, 1024)), dtype="uint8", fill_value=0)
     level_mpp = slide.level_mpp(plan.level)
+    grid_mpp = None if level_mpp is None else level_mpp / plan.zoom
     sy, sx = plan.scale
     mpp_y = None if slide.mpp_xy is None else slide.mpp_xy[1] * sy
     mpp_x = None if slide.mpp_xy is None else slide.mpp_xy[0] * sx
@@ -289,7 +320,8 @@ def _open_output(path: Path, key: dict[str, Any], slide: Slide, pack: Pack, plan
         "slide_mpp": slide.mpp,
         "level": plan.level,
         "scale": [sy, sx],
-        "mpp": level_mpp,
+        "zoom": plan.zoom,
+        "mpp": grid_mpp,
         "pack_mpp": pack.mpp,
         "classes": [c_.to_dict() for c_ in pack.classes],
         "pyramid_levels": levels,
@@ -485,7 +517,7 @@ class _Reader(threading.Thread):
                 specs = self.work[i : i + self.bs]
                 tiles = []
                 for y, x in specs:
-                    rgb = self.slide.read_region(p.level, y, x, p.th, p.tw)
+                    rgb = p.read_tile(self.slide, y, x)
                     tiles.append(self.pack.normaliser.apply(adapt_channels(rgb, True, self.pack.in_channels), self.stats))
                 item = (specs, torch.from_numpy(np.stack(tiles)))
                 while not self._halt.is_set():
