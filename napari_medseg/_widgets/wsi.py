@@ -263,7 +263,7 @@ class WsiWidget(JobDock, Container):
         self._fill_table()
         r = outcome.result
         shown = "" if len(self.objects) <= MAX_TABLE_ROWS else f" (the table shows the first {MAX_TABLE_ROWS}; exports hold all)"
-        self._report(f"{layer.name}: {r.tiles} tiles in {r.seconds:.1f} s ({r.tiles_tissue} of {r.tiles_grid} touch tissue); {len(self.objects)} objects{shown}.", "status")
+        self._report(f"{layer.name}: level {r.level}{r.grid_note()}, {r.tiles} tiles in {r.seconds:.1f} s ({r.tiles_tissue} of {r.tiles_grid} touch tissue); {len(self.objects)} objects{shown}.", "status")
 
     def _on_done(self) -> None:
         self._request = None

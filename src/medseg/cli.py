@@ -557,9 +557,7 @@ def _run_wsi(args) -> int:
                       mpp=args.mpp, level=args.level, tissue=args.tissue, region=region, overwrite=args.overwrite, tta=args.tta)
     result = drive(segment_slide_iter(args.slide, pack, args.output, cfg), desc=Path(args.slide).name)
     mpp = f", {result.mpp:.3f} µm/px" if result.mpp else ""
-    zoom = float(result.info.get("zoom", 1.0))
-    resampled = f" resampled x{zoom:.3g} to the pack's µm/px" if zoom != 1.0 else ""
-    _say(f"{args.slide} -> {result.path}: level {result.level}{resampled} ({result.shape[1]} x {result.shape[0]} px{mpp}), "
+    _say(f"{args.slide} -> {result.path}: level {result.level}{result.grid_note()} ({result.shape[1]} x {result.shape[0]} px{mpp}), "
          f"{result.tiles} tiles predicted ({result.tiles_tissue} of {result.tiles_grid} touch tissue) in {result.seconds:.1f} s")
     if args.geojson or args.csv or args.min_area_um2 is not None:
         objects = wsi_objects(result, pack, args.min_area_um2, args.csv, args.geojson, args.object_type)

@@ -103,7 +103,7 @@ def test_level_closest_to_the_pack_mpp(mosaic, tmp_path):
     result = segment_slide(path, pack, tmp_path / "l1.zarr", SlideConfig(device="cpu", tissue=False, chunk=64))
     assert result.level == 1 and result.shape == (400, 576)
     assert result.mpp == pytest.approx(TILE_MPP * 2)
-    assert result.scale == (2.0, 2.0) and result.info["zoom"] == 1.0
+    assert result.scale == (2.0, 2.0) and result.zoom == 1.0 and result.grid_note() == ""
     assert result.info["pyramid_levels"] >= 2
     pyramid = result.pyramid()
     assert pyramid[1].shape == (200, 288)
@@ -197,7 +197,7 @@ def test_a_level_off_the_pack_mpp_is_resampled_to_it(tmp_path):
     shrunk = resample_image(crop, (crop.shape[0] // 2, crop.shape[1] // 2))
     pack = unet_rgb_pack(mpp=TILE_MPP * 2, tile=64, balance_on=shrunk)
     result = segment_slide(path, pack, tmp_path / "z.zarr", SlideConfig(tissue=False, chunk=64, device="cpu"))
-    assert result.level == 0 and result.info["zoom"] == 0.5
+    assert result.level == 0 and result.zoom == 0.5 and "resampled x0.5" in result.grid_note()
     assert result.shape == shrunk.shape[:2] and result.scale == (2.0, 2.0)
     assert result.mpp == pytest.approx(TILE_MPP * 2)
     expected = Predictor(pack, PredictConfig(tile=64, overlap=pack.overlap, device="cpu")).predict(shrunk).labels

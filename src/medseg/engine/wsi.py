@@ -121,6 +121,15 @@ class SlideResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def zoom(self) -> float:
+        """Inference-grid px per px of the slide level the model read (1: the level as it is)."""
+        return float(self.info.get("zoom", 1.0))
+
+    def grid_note(self) -> str:
+        """' resampled x0.5 to the pack's µm/px' when the level was resampled, else ''."""
+        return f" resampled x{self.zoom:.3g} to the pack's µm/px" if self.zoom != 1.0 else ""
+
+    @property
     def root(self):
         import zarr
 
