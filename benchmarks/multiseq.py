@@ -6,7 +6,7 @@ for every one of the 7 non-empty subsets of C0 / LGE / T2, through the code user
 (:func:`medseg.multiseq.segment_study_iter`: per-slice z-score, 1.5 mm grid, probabilities back to the
 original grid), with Dice per subject on the full 3-D label volume, then averaged over subjects.
 
-    python benchmarks/multiseq.py [--dmaf cardiac-myops] [--baseline work/multiseq/myops-unet-small-c4/pack]
+    python benchmarks/multiseq.py [--dmaf cardiac-myops] [--baseline work/multiseq/myops-unet-small-c5/pack]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def training_table(packs: list[Pack]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dmaf", default="cardiac-myops", help="DMAF-Net pack id or folder")
-    ap.add_argument("--baseline", default="work/multiseq/myops-unet-small-c4/pack", help="baseline pack folder")
+    ap.add_argument("--baseline", default="work/multiseq/myops-unet-small-c5/pack", help="baseline pack folder")
     ap.add_argument("--data-root", default=None, help="MyoPS folder (default $MEDSEG_DATA/myops)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "_out" / "multiseq.json")
