@@ -92,6 +92,7 @@ class CorrectWidget(JobDock, Container):
         self.session: CorrectionSession | None = None
         self.layer: Labels | None = None
         self._syncing = False
+        self._object_items: list[tuple[str, int]] | None = None  # what the object list shows (see _sync_object_list)
 
         self.folder = FileEdit(label="session", mode="d", tooltip="a correction session folder (made by 'medseg correct' or by Start)")
         self.open_button = PushButton(text="Open session")
@@ -148,6 +149,7 @@ class CorrectWidget(JobDock, Container):
         self._syncing = True  # new layers change the layer lists, never the current object
         try:
             self.reset_choices()
+            self._object_items = self._object_choices()  # the object list was rebuilt with the rest
         finally:
             self._syncing = False
 
@@ -228,6 +230,7 @@ class CorrectWidget(JobDock, Container):
         self._close()
         viewer = self._viewer
         self.session = session
+        self._object_items = None  # a new session: the object list is rebuilt
         self.folder.value = str(session.folder)
         for name in (CORRECTED, MODEL, CUTS):
             if name in viewer.layers:
@@ -382,11 +385,42 @@ class CorrectWidget(JobDock, Container):
         self.buttons["redo"].enabled = s.can_redo
         self._syncing = True  # the list follows the session without moving it
         try:
-            self.objects.reset_choices()
+            self._sync_object_list()
             if s.current in s.objects:
                 self.objects.value = s.current
         finally:
             self._syncing = False
+
+    def _sync_object_list(self) -> None:
+        """Bring the object list up to date by changing only the entries that changed.
+
+        Rebuilding a Qt combo box costs about 150 ms for 2 500 entries and 3 s for 10 000 (it grows
+        faster than the count), once per action; an action changes a few entries, so the texts that
+        differ are rewritten and objects that appeared or went away are inserted or removed in place.
+        A list that changed in many places (a new session) is rebuilt.
+        """
+        new = self._object_choices()
+        old, combo = self._object_items, self.objects.native
+        if old is None or combo.count() != len(old):
+            self.objects.reset_choices()
+            self._object_items = new
+            return
+        new_ids, old_ids = [i for _, i in new], [i for _, i in old]
+        gone, came = set(old_ids) - set(new_ids), set(new_ids) - set(old_ids)
+        if len(gone) + len(came) > 64 or [i for i in old_ids if i not in gone] != [i for i in new_ids if i not in came]:
+            self.objects.reset_choices()
+            self._object_items = new
+            return
+        for k in sorted((k for k, i in enumerate(old_ids) if i in gone), reverse=True):
+            combo.removeItem(k)
+        for k, (text, i) in enumerate(new):
+            if i in came:
+                combo.insertItem(k, text, i)
+        by_id = dict((i, t) for t, i in old)
+        for k, (text, i) in enumerate(new):
+            if i not in came and by_id[i] != text:
+                combo.setItemText(k, text)
+        self._object_items = new
 
     # ------------------------------------------------------------------ outputs
     def export(self, _value=None) -> dict | None:
