@@ -2,10 +2,10 @@
 
 The run picks the pyramid level whose µm/px is closest to the pack's and, when that level is more
 than 2 % off the pack's µm/px (a 0.5 µm/px slide under a 1 µm/px pack), resamples every tile it
-reads to the pack's µm/px, so the network always sees tissue at the scale it was trained on; it lays
+reads to the pack's µm/px, so the network always sees tissue at the scale it was trained on. It lays
 the Predictor's tile grid over that grid (same starts, same blending weights, so a level small
-enough for both gives the Predictor's labels exactly), sends only tiles that touch tissue to the model, and assembles them either by
-weighted probability blending or by the KPIs baseline vote (spec §10.3 steps 2-3: windows on the
+enough for both gives the Predictor's labels exactly), sends only tiles that touch tissue to the
+model, and assembles them either by weighted probability blending or by the KPIs baseline vote (spec §10.3 steps 2-3: windows on the
 organisers' grid, a pixel is foreground when at least two windows say so).
 
 Memory does not grow with the slide: the level is processed in vertical strips (a few thousand
