@@ -89,7 +89,7 @@ class WsiWidget(JobDock, Container):
         self.slide = ComboBox(label="slide", choices=self._slide_choices, tooltip="a slide layer (opened here or with File > Open)")
         self.model = ComboBox(label="model", choices=lambda _w=None: sorted(available_packs()))
         self.model_info = Label(label="", value="")
-        self.level = ComboBox(label="level", choices=self._level_choices, tooltip="pyramid level the model runs on")
+        self.level = ComboBox(label="level", choices=self._level_choices, tooltip="pyramid level read (resampled to the pack's µm/px where they differ by more than 2 %)")
         self.scope = RadioButtons(label="run on", choices=[WHOLE, TISSUE, FOV, RECTANGLE], value=TISSUE, orientation="vertical",
                                   tooltip="rectangle: the last rectangle of the selected (or topmost) Shapes layer")
         self.assembly = ComboBox(label="assembly", choices=["blend", "vote"], value="blend",
