@@ -18,7 +18,7 @@ from tests.conftest import data_dir
 EXPECTED = {"ultrasound-fhps": "psfhs", "kidney-glomeruli": "glomeruli", "colon-polyp": "polyp"}
 MULTI_SEQUENCE = {"cardiac-myops"}  # several inputs per case: tested in tests/multiseq and benchmarks/multiseq.py
 OTHER_TASKS = {"ultrasound-tapslf", "ultrasound-keyframes"}  # multi-task and key-frame packs: tests/train/test_shipped_ultrasound_packs.py
-INTERACTIVE = {"colon-polyp-click"}  # click-guided packs: tests/interactive
+INTERACTIVE = {"colon-polyp-click", "ultrasound-fhps-click"}  # click-guided packs: tests/interactive
 PACKS_DIR = resources_dir() / "packs"
 N_IMAGES = 5
 MAX_WEIGHTS_MIB = 25
