@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 
 from medseg.annotate.edits import Diff
@@ -118,13 +118,15 @@ class CorrectWidget(JobDock, Container):
         self.export_button = PushButton(text="Export (TIFF, GeoJSON, effort CSV, summary)")
         self.pack = ComboBox(label="fine-tune pack", choices=self._pack_choices)
         self.steps = SpinBox(label="steps", min=1, max=100000, value=50)
+        self.held_out = LineEdit(label="validate on", value="", tooltip="held-out correction session folders (or a folder holding them), separated by ';': "
+                                 "the fine-tuning validates and selects on them; empty = the pack's validation split")
         self.finetune_button = PushButton(text="Fine-tune on this session")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="", min=0, max=1, value=0)
         self.status = Label(label="", value="")
         self.status.native.setWordWrap(True)
         self.extend([self.folder, self.open_button, self.image, self.mask, self.start_button, self.counts, self.current, self.objects, self.merge_with, *rows,
-                     self.export_button, self.pack, self.steps, Container(widgets=[self.finetune_button, self.cancel_button], layout="horizontal", labels=False),
+                     self.export_button, self.pack, self.steps, self.held_out, Container(widgets=[self.finetune_button, self.cancel_button], layout="horizontal", labels=False),
                      self.progress, self.status])
         self.jobs = JobRunner(run_buttons=[self.finetune_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
         self.open_button.changed.connect(lambda _v=None: self.open_folder(self.folder.value))
@@ -445,11 +447,15 @@ class CorrectWidget(JobDock, Container):
         if self.session is None or self.pack.value is None:
             self.jobs.report("Open a session and choose the pack to fine-tune.", "error")
             return None
-        return self.jobs.start(finetune_iter, self.pack.value, [self.session.folder], steps=int(self.steps.value),
+        held_out = [p.strip() for p in self.held_out.value.split(";") if p.strip()]
+        return self.jobs.start(finetune_iter, self.pack.value, [self.session.folder], steps=int(self.steps.value), val_sessions=held_out or None,
                                description=f"Fine-tuning {self.pack.value}", on_result=self._on_finetuned)
 
     def _on_finetuned(self, result) -> None:
-        self.jobs.report(f"New pack version {result.version} in {result.pack_path}: validation loss {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}.", "info")
+        text = f"New pack version {result.version} in {result.pack_path}: validation loss on {result.validation} {result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
+        if result.reference:
+            text += f"; on the pack's validation split {result.reference['validation_loss_before']:.4f} -> {result.reference['validation_loss_after']:.4f}"
+        self.jobs.report(text + ".", "info")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,6 +263,11 @@ _TRAIN_FLAGS = {
     "--ckpt-every": ("ckpt_every", int, "checkpoint every N steps (default: at each validation)"),
     "--val-limit": ("val_limit", int, "validation cases used during training (default 48; the final report uses all)"),
     "--train-limit": ("train_limit", int, "use only N training cases (quick trials)"),
+    "--train-sources": ("train_sources", lambda v: [x.strip() for x in v.split(",") if x.strip()], "train only on the training cases of these acquisition sources (comma-separated, e.g. ccf-hubmap)"),
+    "--train-folder": ("train_folder", str, "train on this folder's images/ + masks/ instead of the recipe's training split (validation stays the recipe's)"),
+    "--val-folder": ("val_folder", str, "validate and select on this folder's images/ + masks/ instead of the recipe's validation split"),
+    "--augment-overrides": ("augment_overrides", json.loads, 'fields replaced on the recipe\'s augmentation, as JSON (e.g. \'{"hed": 0, "scale": [1, 1]}\')'),
+    "--keep": ("keep", str, "weights written to the pack: best (on validation, default) or last"),
     "--workdir": ("workdir", str, "folder for runs (default work/)"),
     "--run": ("run", str, "run name: checkpoints and logs go to WORKDIR/RUN (default DATASET-ARCH-CONFIG)"),
     "--pack-id": ("pack_id", str, "id of the written pack (default DATASET-ARCH-CONFIG)"),
@@ -306,10 +311,12 @@ def _train_command(args) -> str:
     parts = ["medseg", "train"]
     if given.get("config_file"):
         parts += ["--config-file", given["config_file"]]
-    for flag, (key, _, _) in _TRAIN_FLAGS.items():
+    for flag, (key, typ, _) in _TRAIN_FLAGS.items():
         if f"train_{key}" in given:
             value = given[f"train_{key}"]
-            parts += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value) if typ is json.loads else ",".join(map(str, value))
+            parts += [flag, str(value)]
     for key, flag in (("classes", "--classes"), ("out", "--output")):
         if key in given:
             parts += [flag, str(given[key])]

@@ -35,3 +35,16 @@ def test_refusals(tmp_path, capsys):
     assert "--steps or --minutes" in capsys.readouterr().err
     assert main(["finetune", "--pack", "kidney-glomeruli", "--session", str(tmp_path), "--steps", "1"]) == 1
     assert "not a correction session" in capsys.readouterr().err
+
+
+def test_finetune_refuses_a_session_both_trained_and_held_out(tmp_path, capsys):
+    image = tmp_path / "img.png"
+    iio.imwrite(image, np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "m.tif", scene())
+    assert main(["correct", str(image), "--mask", str(tmp_path / "m.tif"), "--export", str(tmp_path / "out"), "--formats", "csv"]) == 0
+    session = tmp_path / "img.correct"
+    assert session.is_dir()
+    capsys.readouterr()
+    assert main(["finetune", "--pack", "kidney-glomeruli", "--session", str(session), "--val-session", str(tmp_path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "both to train on and to validate on" in err and len(err.strip().splitlines()) == 1

@@ -109,3 +109,58 @@ def test_cli_trains_from_a_json_config_and_evaluates(tmp_path, psfhs_root):
     assert "biometry" in report and len(report["cases"]) == 2
     assert "| structure |" in (out / f"{manifest['id']}-psfhs-val.md").read_text()
     assert main(["evaluate", "--model", str(pack), "--dataset", "psfhs", "--split", "nope", "--data-root", psfhs_root]) == 2
+
+
+def test_keep_last_writes_the_final_weights_and_best_the_best(tmp_path, psfhs_root):
+    from medseg.train.loop import _fp16_round
+    from medseg.train.packs import load_pack
+
+    for keep in ("last", "best"):
+        cfg = _tiny(tmp_path, psfhs_root, steps=6, val_every=2, lr=3e-3, run=f"keep-{keep}", keep=keep)
+        result = run_sync(train_iter(cfg))
+        ckpt = torch.load(result.run_dir / "ckpt.pt", weights_only=False)
+        expected = _fp16_round(ckpt["model"] if keep == "last" else ckpt["best_state"])
+        written = load_pack(result.pack_path).model.state_dict()
+        assert all(torch.equal(written[k].float(), expected[k].float()) for k in expected), keep
+        assert json.loads((result.pack_path / "manifest.json").read_text())["training"]["config"]["keep"] == keep
+    with pytest.raises(UsageError, match="--keep"):
+        run_sync(train_iter(_tiny(tmp_path, psfhs_root, steps=2, run="bad", keep="first")))
+
+
+def test_train_sources_and_folders_choose_the_cases(tmp_path, psfhs_root):
+    """--train-sources keeps one source's training cases (an unknown one is refused, naming those there are);
+    --val-folder validates on a folder (with its µm/px from splits.csv) instead of the recipe's split."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from medseg.train.loop import _Trainer
+    from medseg.train.recipes import RECIPES
+
+    sources = {c.source for c in RECIPES["psfhs"].cases("train", psfhs_root)}
+    one = sorted(sources)[0]
+    t = _Trainer(_tiny(tmp_path, psfhs_root, steps=1, train_limit=None, train_sources=[one]))
+    assert t.train_cases and {c.source for c in t.train_cases} == {one}
+    with pytest.raises(UsageError, match="sources of this training split are"):
+        _Trainer(_tiny(tmp_path, psfhs_root, steps=1, train_sources=["no-such-source"]))
+    folder = tmp_path / "val"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for k in range(2):
+        iio.imwrite(folder / "images" / f"t{k}.png", np.full((64, 64), 40 * k, np.uint8))
+        iio.imwrite(folder / "masks" / f"t{k}.png", np.zeros((64, 64), np.uint8))
+    (folder / "splits.csv").write_text("name,split,group,source,mpp\nt0,val,t0,mine,0.5\nt1,val,t1,mine,\n")
+    t = _Trainer(_tiny(tmp_path, psfhs_root, steps=1, val_folder=str(folder)))
+    assert [(c.id, c.mpp, c.source) for c in t.val_cases] == [("t0", 0.5, "mine"), ("t1", None, "mine")]
+
+
+def test_augment_overrides_replace_fields_of_the_recipe_augmentation(tmp_path, psfhs_root):
+    from medseg.train.loop import _Trainer
+    from medseg.train.recipes import RECIPES
+
+    base = RECIPES["psfhs"].augment
+    t = _Trainer(_tiny(tmp_path, psfhs_root, steps=1, augment_overrides={"contrast": 0.5, "scale": [1.0, 1.0]}))
+    assert t.dataset.augment_config == t.augmentation() and t.augmentation().contrast == 0.5 and t.augmentation().scale == (1.0, 1.0)
+    assert {k: v for k, v in t.augmentation().to_dict().items() if k not in ("contrast", "scale")} == {k: v for k, v in base.to_dict().items() if k not in ("contrast", "scale")}
+    assert _Trainer(_tiny(tmp_path, psfhs_root, steps=1, augment=False, augment_overrides={"contrast": 0.5})).augmentation().contrast == 0.0
+    with pytest.raises(UsageError, match="Unknown augmentation field"):
+        _Trainer(_tiny(tmp_path, psfhs_root, steps=1, augment_overrides={"colour": 1}))

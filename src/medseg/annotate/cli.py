@@ -83,14 +83,18 @@ def add_finetune_parser(sub) -> None:
         "finetune",
         help="fine-tune a pack on corrected sessions and write a new pack version",
         description="Train a pack further on the images and corrected masks of correction sessions (its own training loop, starting from its weights, "
-        "by default mixed half and half with the pack's training split, batch-norm statistics kept), validate on the pack's validation split, and write a new pack version whose manifest holds its validation "
-        "numbers next to the previous version's.",
+        "by default mixed half and half with the pack's training split, batch-norm statistics kept), validate on held-out correction sessions (--val-session) or else on the pack's validation split, "
+        "and write a new pack version whose manifest holds its validation numbers next to the previous version's (with held-out sessions, the pack's validation split is measured before and after as well).",
     )
     p.add_argument("--pack", required=True, help="the pack to fine-tune (id or folder)")
     p.add_argument("--session", nargs="+", required=True, metavar="DIR", help="correction session folders (or folders holding them)")
+    p.add_argument("--val-session", nargs="+", metavar="DIR", help="held-out correction sessions to validate and select on (never trained on); default: the pack's validation split")
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--minutes", type=float, help="training time budget (instead of --steps)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--augment", choices=("recipe", "light", "none"), default="recipe",
+                   help="recipe: the pack's training augmentation (default); light: flips and 90-degree turns only; none")
+    p.add_argument("--crop", type=int, help="training crop in pixels at the pack's µm/px (default: the pack's training crop)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-replay", dest="replay", action="store_false", help="train on the corrected tiles only (default: half the samples from the pack's training split)")
     p.add_argument("--adapt-norm", dest="freeze_norm", action="store_false", help="let batch-norm statistics follow the new tiles (default: kept; adapt them for a new tissue or scanner)")
@@ -105,10 +109,10 @@ def run_finetune(args) -> int:
     from medseg.cli import _say, drive
 
     job = finetune_iter(args.pack, args.session, out=args.output, steps=args.steps, minutes=args.minutes, lr=args.lr, threads=args.threads,
-                        workdir=args.workdir, data_root=args.data_root, replay=args.replay, freeze_norm=args.freeze_norm)
+                        workdir=args.workdir, data_root=args.data_root, replay=args.replay, freeze_norm=args.freeze_norm, val_sessions=args.val_session, augment=args.augment, crop=args.crop)
     r = drive(job, desc=f"finetune {args.pack}", unit="step")
     _say(f"pack {r.pack_path} (version {r.version}): {r.steps} steps on {r.tiles} corrected tile(s) in {r.seconds:.0f} s")
-    _say(f"validation loss {r.val_loss_before:.4f} -> {r.val_loss_after:.4f}")
+    _say(f"validation loss on {r.validation}: {r.val_loss_before:.4f} -> {r.val_loss_after:.4f}")
     old, new = r.previous.get("metrics", {}), r.metrics
     for key in ("dice", "iou"):
         for name, value in (new.get(key) or {}).items():
@@ -116,6 +120,10 @@ def run_finetune(args) -> int:
             _say(f"{key} {name}: {before if before is not None else 'n/a'} -> {value}")
     if "object_f1" in new:
         _say(f"object F1: {old.get('object_f1', 'n/a')} -> {new['object_f1']}")
+    if r.reference:
+        ref = r.reference
+        _say(f"on the {ref['dataset']} validation split ({ref['cases']} cases): loss {ref['validation_loss_before']:.4f} -> {ref['validation_loss_after']:.4f}, "
+             f"Dice {ref['metrics_before'].get('dice')} -> {ref['metrics_after'].get('dice')}")
     return 0
 
 

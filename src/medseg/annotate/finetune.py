@@ -1,7 +1,13 @@
 """Fine-tune a pack on corrected masks: the sessions' images and final masks become a training folder,
-the pack's own training loop (:mod:`medseg.train.loop`, ``init_from`` the pack) trains on it and
-validates on the pack's validation split, and the new pack version records its validation numbers
-next to the old ones (and the validation loss of both, measured the same way here).
+the pack's own training loop (:mod:`medseg.train.loop`, ``init_from`` the pack) trains on it, and the new
+pack version records its validation numbers next to the old ones (and the validation loss of both,
+measured the same way here).
+
+Validation is on held-out corrected sessions when they are given (``val_sessions``: tiles of the
+annotator's own material that training never sees, which is what the fine-tuning is for), else on the
+pack's validation split. With held-out sessions the pack's validation split is measured as well, before
+and after (``reference`` in the manifest), so that what the new version forgets of the old material is
+on record next to what it gained on the new.
 """
 
 from __future__ import annotations
@@ -34,6 +40,15 @@ class FinetuneResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    validation: str = "val split"  # what the validation numbers are measured on
+    reference: dict[str, Any] | None = None  # with held-out sessions: the pack's validation split before/after
+
+
+AUGMENT: dict[str, dict[str, Any] | None] = {
+    "recipe": None,  # the pack's training augmentation (geometry, scale, stain/intensity, crops on objects half the time)
+    "light": {"rotate_deg": 0.0, "scale": [1.0, 1.0], "foreground_crop": 0.0, "brightness": 0.0, "contrast": 0.0, "gamma": 0.0, "noise": 0.0, "saturation": 0.0, "hed": 0.0},  # flips and 90° turns only
+    "none": None,
+}
 
 
 def session_folders(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -52,9 +67,9 @@ def session_folders(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def corrected_dataset(sessions: Sequence[str | os.PathLike], folder: str | os.PathLike, target_mpp: float | None) -> tuple[Path, list[dict[str, Any]]]:
+def corrected_dataset(sessions: Sequence[str | os.PathLike], folder: str | os.PathLike, target_mpp: float | None, split: str = "train") -> tuple[Path, list[dict[str, Any]]]:
     """Write each session's image and final mask (class indices, resampled to ``target_mpp`` when the
-    session knows its µm/px) as ``folder/images`` + ``folder/masks`` with a ``splits.csv`` of training rows."""
+    session knows its µm/px) as ``folder/images`` + ``folder/masks`` with a ``splits.csv`` of ``split`` rows."""
     import imageio.v3 as iio
 
     from medseg.resample import resample_image, resample_labels, scale_factor, target_shape
@@ -77,10 +92,11 @@ def corrected_dataset(sessions: Sequence[str | os.PathLike], folder: str | os.Pa
             name = f"{k:03d}-{Path(path).name.replace('.correct', '')}"
             iio.imwrite(folder / "images" / f"{name}.png", image)
             iio.imwrite(folder / "masks" / f"{name}.png", mask)
-            rows.append({"name": name, "split": "train", "group": name, "source": str(Path(path).resolve())})
+            mpp = target_mpp if s.mpp and target_mpp else s.mpp
+            rows.append({"name": name, "split": split, "group": name, "source": str(Path(path).resolve()), "mpp": "" if mpp is None else f"{mpp:g}"})
             described.append({"session": str(Path(path).resolve()), "tile": name, "shape": list(mask.shape), **{k2: counts[k2] for k2 in ("accepted", "edited", "rejected", "added", "unreviewed")}})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["name", "split", "group", "source"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["name", "split", "group", "source", "mpp"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / "splits.csv", buf.getvalue())
@@ -143,17 +159,28 @@ def finetune_iter(
     seed: int = 0,
     freeze_norm: bool = True,
     replay: bool = True,
+    val_sessions: Sequence[str | os.PathLike] | None = None,
+    augment: str = "recipe",
+    crop: int | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[FinetuneResult]:
     """Train ``pack`` on the corrected sessions and write the new pack version (see the module docstring)."""
-    from medseg.train.datasets import evenly
+    from medseg.engine.predictor import PredictConfig
+    from medseg.train.datasets import evenly, folder_cases
+    from medseg.train.evaluate import EvalOptions, evaluate_iter, headline
     from medseg.train.loop import TrainConfig, _relay, train_iter
     from medseg.train.packs import load_pack, resolve
     from medseg.train.recipes import RECIPES
 
     if steps is None and minutes is None:
         raise UsageError("Say how long to fine-tune: give --steps or --minutes (a few minutes on a CPU is a start).")
+    if augment not in AUGMENT:
+        raise UsageError(f"Unknown augmentation '{augment}': use {', '.join(AUGMENT)}.")
     folders = session_folders(sessions)
+    held_out = session_folders(val_sessions) if val_sessions else []
+    shared = {f.resolve() for f in folders} & {f.resolve() for f in held_out}
+    if shared:
+        raise UsageError(f"Session '{sorted(shared)[0]}' is given both to train on and to validate on: hold out sessions that training never sees.")
     old = load_pack(pack)
     manifest = old.manifest
     training = manifest.get("training") or {}
@@ -167,35 +194,56 @@ def finetune_iter(
     out = Path(out) if out is not None else workdir / "packs" / f"{old.id}-{version}"
     yield Progress(0, 0, f"writing {len(folders)} corrected tile(s)")
     train_folder, tiles = corrected_dataset(folders, workdir / run / "corrected", recipe.mpp)
-    val_cases = evenly(recipe.cases("val", data_root), val_limit)
+    split_cases = evenly(recipe.cases("val", data_root), val_limit)
+    val_folder = None
+    if held_out:
+        val_folder, _ = corrected_dataset(held_out, workdir / run / "corrected-val", recipe.mpp, split="val")
+        val_cases = folder_cases(val_folder)
+    else:
+        val_cases = split_cases
+    validation = f"{len(held_out)} held-out corrected session(s)" if held_out else f"the {dataset} validation split"
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
     before = yield from _relay(validation_loss(resolve(old.path), recipe, val_cases, cancel), "validation loss of the pack")
+    old_metrics = manifest.get("metrics", {})
+    if held_out:
+        ref_before = yield from _relay(validation_loss(resolve(old.path), recipe, split_cases, cancel), "validation-split loss of the pack")
+        report = yield from _relay(evaluate_iter(resolve(old.path), recipe, val_cases, PredictConfig(tile=old.tile, overlap=old.overlap), EvalOptions(), split="val", cancel=cancel), "the pack on the held-out corrections")
+        old_metrics = headline(report)
     cfg = TrainConfig(
         dataset=dataset, data_root=data_root, arch=old.architecture, config=old.config, arch_overrides=manifest.get("overrides"),
-        init_from=str(old.path), train_folder=str(train_folder), train_replay=replay, freeze_norm=freeze_norm, steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
+        init_from=str(old.path), train_folder=str(train_folder), val_folder=str(val_folder) if val_folder else None, train_replay=replay, freeze_norm=freeze_norm, augment=augment != "none", augment_overrides=AUGMENT[augment], crop=crop, steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
         val_limit=val_limit, val_every=val_every or (max(1, steps // 2) if steps else None), workdir=str(workdir), run=run, fresh=True, out=str(out), pack_id=old.id, threads=threads,
         cpu_bf16=bool((training.get("config") or {}).get("cpu_bf16", False)),
-        command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --steps {steps}" if steps else f" --minutes {minutes}"),
+        command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --val-session {' '.join(str(f) for f in held_out)}" if held_out else "") + (f" --steps {steps}" if steps else f" --minutes {minutes}"),
     )
     result = yield from train_iter(cfg, cancel)
     new = load_pack(result.pack_path)
     after = yield from _relay(validation_loss(new, recipe, val_cases, cancel), "validation loss of the new version")
-    previous = {"id": old.id, "version": manifest.get("version", "1.0.0"), "sha256": old.sha256, "metrics": manifest.get("metrics", {}), "validation_loss": round(before, 5)}
+    reference = None
+    if held_out:
+        ref_after = yield from _relay(validation_loss(new, recipe, split_cases, cancel), "validation-split loss of the new version")
+        report = yield from _relay(evaluate_iter(new, recipe, split_cases, PredictConfig(tile=new.tile, overlap=new.overlap), EvalOptions(), split="val", cancel=cancel), "the new version on the validation split")
+        reference = {"dataset": dataset, "split": "val", "cases": len(split_cases), "validation_loss_before": round(ref_before, 5), "validation_loss_after": round(ref_after, 5),
+                     "metrics_before": manifest.get("metrics", {}), "metrics_after": headline(report)}
+    previous = {"id": old.id, "version": manifest.get("version", "1.0.0"), "sha256": old.sha256, "metrics": old_metrics, "validation_loss": round(before, 5)}
     updated = dict(new.manifest)
     updated.update({
         "version": version,
         "finetuned_from": previous,
         "validation_loss": round(after, 5),
         "validation_loss_cases": len(val_cases),
-        "corrections": {"sessions": len(folders), "tiles": tiles},
+        "validation": validation,
+        "corrections": {"sessions": len(folders), "tiles": tiles, "held_out_sessions": [str(f.resolve()) for f in held_out]},
         "licence": manifest.get("licence", updated.get("licence")),
         "attribution": manifest.get("attribution", updated.get("attribution")),
     })
+    if reference is not None:
+        updated["reference_validation"] = reference
     atomic_write_text(Path(result.pack_path) / "manifest.json", json.dumps(updated, indent=2) + "\n")
-    return FinetuneResult(Path(result.pack_path), version, previous, updated.get("metrics", {}), before, after, len(tiles), result.steps, result.seconds, result.history)
+    return FinetuneResult(Path(result.pack_path), version, previous, updated.get("metrics", {}), before, after, len(tiles), result.steps, result.seconds, result.history, validation, reference)
 
 
 __all__ = ["FinetuneResult", "bump_version", "corrected_dataset", "finetune_iter", "session_folders", "validation_loss"]

@@ -120,8 +120,8 @@ def folder_cases(
 ) -> list[Case]:
     """Cases of a folder with ``images/`` and ``masks/`` (or ``labels/``) holding files of the same stem.
 
-    The split comes from ``splits.csv`` (columns ``name`` and ``split``, optional ``group`` and
-    ``source``) when present, else from :func:`hash_split` of the stem.
+    The split comes from ``splits.csv`` (columns ``name`` and ``split``, optional ``group``, ``source``
+    and ``mpp``, the image's µm per pixel) when present, else from :func:`hash_split` of the stem.
     """
     root = Path(root)
     img_dir = root / images
@@ -144,7 +144,8 @@ def folder_cases(
             continue
         row = table.get(stem, {})
         split = row.get("split") or hash_split(stem)
-        cases.append(Case(stem, p, mask_files[stem], split, mask_kind, threshold, group=row.get("group", stem), source=row.get("source", "")))
+        mpp = float(row["mpp"]) if row.get("mpp") else None
+        cases.append(Case(stem, p, mask_files[stem], split, mask_kind, threshold, mpp=mpp, group=row.get("group", stem), source=row.get("source", "")))
     if not cases:
         raise InputError(f"No image in '{img_dir}' has a mask of the same name in '{mask_dir}': check the folder layout.")
     return cases

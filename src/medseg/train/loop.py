@@ -38,7 +38,7 @@ from medseg.engine.progress import CancelToken, Job, Progress, run_sync
 from medseg.errors import Cancelled, UsageError
 from medseg.io.atomic import atomic_path
 from medseg.normalise import Normaliser
-from medseg.train.augment import NONE
+from medseg.train.augment import NONE, AugmentConfig
 from medseg.train.datasets import SegmentationDataset, TrainSamples, balance_sources, evenly, folder_cases
 from medseg.train.evaluate import EvalOptions, evaluate_iter, headline, mean_dice, write_report
 from medseg.train.losses import DiceCELoss
@@ -80,14 +80,18 @@ class TrainConfig:
     deterministic: bool = True
     workers: int | None = None  # data loader processes (default 0 on CPU, 4 on GPU)
     augment: bool = True
+    augment_overrides: dict[str, Any] | None = None  # fields replaced on the recipe's augmentation (e.g. {"hed": 0, "scale": [1, 1]})
     val_every: int | None = None  # steps (default: 10 validations per run)
     ckpt_every: int | None = None  # steps (default: at each validation)
     val_limit: int | None = 48  # validation cases used during training (all for the final report)
     train_limit: int | None = None  # use only this many training cases (tests, quick trials)
     train_folder: str | None = None  # train on this folder's images/ + masks/ (class indices) instead of the recipe's training split; validation stays the recipe's
     train_replay: bool = False  # with train_folder: also draw from the recipe's training split (the folder's cases repeated to make half the samples)
+    val_folder: str | None = None  # validate (and select) on this folder's images/ + masks/ instead of the recipe's validation split
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     balance_sources: bool = False  # repeat each acquisition source's training cases to an equal share of an epoch
+    train_sources: list[str] | None = None  # keep only the recipe's training cases of these acquisition sources
+    keep: str = "best"  # weights written to the pack: "best" on validation, or "last"
     workdir: str = "work"
     run: str | None = None
     resume: bool = False
@@ -246,14 +250,21 @@ class _Trainer:
         self.workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.run_dir = cfg.run_dir
         self.ckpt_path = self.run_dir / CHECKPOINT
+        if cfg.keep not in ("best", "last"):
+            raise UsageError(f"Unknown --keep '{cfg.keep}': use best (the best weights on validation) or last (the final ones).")
         train_cases = folder_cases(cfg.train_folder) if cfg.train_folder else self.recipe.cases("train", cfg.data_root)
+        if cfg.train_sources:
+            known = sorted({c.source for c in train_cases})
+            train_cases = [c for c in train_cases if c.source in cfg.train_sources]
+            if not train_cases:
+                raise UsageError(f"No training case comes from {', '.join(cfg.train_sources)}: the sources of this training split are {', '.join(known)}.")
         if cfg.balance_sources and not cfg.train_folder:
             train_cases = balance_sources(train_cases)
         if cfg.train_folder and cfg.train_replay:
             original = self.recipe.cases("train", cfg.data_root)
             train_cases = original + train_cases * max(1, round(len(original) / len(train_cases)))
         self.train_cases = evenly(train_cases, cfg.train_limit)
-        self.val_cases = self.recipe.cases("val", cfg.data_root)
+        self.val_cases = folder_cases(cfg.val_folder) if cfg.val_folder else self.recipe.cases("val", cfg.data_root)
         if not self.val_cases:
             raise UsageError(f"Dataset '{self.recipe.name}' has no validation cases: best-on-validation selection needs a 'val' split.")
         self.val_quick = evenly(self.val_cases, cfg.val_limit)
@@ -265,13 +276,25 @@ class _Trainer:
             self.recipe.num_classes,
             self.normaliser,
             self.crop,
-            self.recipe.augment if cfg.augment else NONE,
+            self.augmentation(),
             self.recipe.mpp,
             cache=True,
         )
         self.samples = TrainSamples(self.dataset, cfg.seed)
         self.loss_fn = DiceCELoss()
         self.scaler: torch.amp.GradScaler | None = None
+
+    def augmentation(self) -> AugmentConfig:
+        """The recipe's augmentation with the configured overrides (none with ``augment`` off)."""
+        if not self.cfg.augment:
+            return NONE
+        if not self.cfg.augment_overrides:
+            return self.recipe.augment
+        merged = {**self.recipe.augment.to_dict(), **self.cfg.augment_overrides}
+        unknown = sorted(set(self.cfg.augment_overrides) - set(self.recipe.augment.to_dict()))
+        if unknown:
+            raise UsageError(f"Unknown augmentation field(s) {', '.join(unknown)}: use {', '.join(sorted(self.recipe.augment.to_dict()))}.")
+        return AugmentConfig.from_dict(merged)
 
     # ---------------------------------------------------------------- model and state
     def build(self) -> None:
@@ -518,7 +541,7 @@ class _Trainer:
 
     def finish(self) -> Job[TrainResult]:
         cfg, r = self.cfg, self.recipe
-        best = self.best_state if self.best_state is not None else _state_copy(self.model)
+        best = self.best_state if self.best_state is not None and cfg.keep == "best" else _state_copy(self.model)
         model = self.new_model()
         model.load_state_dict(_fp16_round(best))
         model.eval()
@@ -544,7 +567,7 @@ class _Trainer:
             "optimiser": f"AdamW (lr {cfg.lr}, weight decay {cfg.weight_decay}, none on 1-D parameters)",
             "schedule": f"linear warm-up {self.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr",
             "loss": "cross-entropy + soft Dice (foreground classes, batch Dice)",
-            "augmentation": r.augment.to_dict() if cfg.augment else None,
+            "augmentation": self.augmentation().to_dict() if cfg.augment else None,
             "seed": cfg.seed,
             "best_step": self.best_step,
             "best_val_dice_quick": round(self.best_score, 4),
