@@ -141,3 +141,18 @@ def test_the_original_is_kept_apart(tmp_path):
     assert mask.flags.writeable and (mask == 3).any()  # the caller's array is neither frozen nor edited
     assert not s.original.flags.writeable and (s.original == 3).any() and not (s.labels == 3).any()
     s.close()
+
+
+def test_scripted_annotator_rejects_misses_and_repaints_to_the_reference(tmp_path):
+    from medseg.annotate.scripted import correct_to_reference
+
+    s = CorrectionSession.create(tmp_path / "s", scene())
+    reference = np.zeros_like(scene())
+    reference[scene() == 2] = 1  # object 2 is right
+    reference[100:110, 120:140] = 1  # a glomerulus the model missed
+    correct_to_reference(s, reference)
+    assert np.array_equal(s.labels > 0, reference > 0)
+    status = {oid: o.status for oid, o in s.objects.items()}
+    assert status[1] == status[3] == status[4] == "rejected" and status[2] != "rejected" and s.counts()["added"] >= 1
+    with pytest.raises(ValueError, match="differ in shape"):
+        correct_to_reference(s, reference[:10])

@@ -92,9 +92,9 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--minutes", type=float, help="training time budget (instead of --steps)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--augment", choices=("recipe", "light", "none"), default="recipe",
-                   help="recipe: the pack's training augmentation (default); light: flips and 90-degree turns only; none")
-    p.add_argument("--crop", type=int, help="training crop in pixels at the pack's µm/px (default: the pack's training crop)")
+    p.add_argument("--augment", choices=("light", "recipe", "none"), default="light",
+                   help="light: flips and 90-degree turns only (default); recipe: the pack's training augmentation (scale, stain, crops on objects); none")
+    p.add_argument("--crop", type=int, help="training crop in pixels at the pack's µm/px (default: the pack's tile, so whole tiles where they fit)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-replay", dest="replay", action="store_false", help="train on the corrected tiles only (default: half the samples from the pack's training split)")
     p.add_argument("--adapt-norm", dest="freeze_norm", action="store_false", help="let batch-norm statistics follow the new tiles (default: kept; adapt them for a new tissue or scanner)")

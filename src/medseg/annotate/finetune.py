@@ -160,7 +160,7 @@ def finetune_iter(
     freeze_norm: bool = True,
     replay: bool = True,
     val_sessions: Sequence[str | os.PathLike] | None = None,
-    augment: str = "recipe",
+    augment: str = "light",
     crop: int | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[FinetuneResult]:
@@ -214,7 +214,7 @@ def finetune_iter(
         old_metrics = headline(report)
     cfg = TrainConfig(
         dataset=dataset, data_root=data_root, arch=old.architecture, config=old.config, arch_overrides=manifest.get("overrides"),
-        init_from=str(old.path), train_folder=str(train_folder), val_folder=str(val_folder) if val_folder else None, train_replay=replay, freeze_norm=freeze_norm, augment=augment != "none", augment_overrides=AUGMENT[augment], crop=crop, steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
+        init_from=str(old.path), train_folder=str(train_folder), val_folder=str(val_folder) if val_folder else None, train_replay=replay, freeze_norm=freeze_norm, augment=augment != "none", augment_overrides=AUGMENT[augment], crop=crop or (None if augment == "recipe" else recipe.tile), steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
         val_limit=val_limit, val_every=val_every or (max(1, steps // 2) if steps else None), workdir=str(workdir), run=run, fresh=True, out=str(out), pack_id=old.id, threads=threads,
         cpu_bf16=bool((training.get("config") or {}).get("cpu_bf16", False)),
         command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --val-session {' '.join(str(f) for f in held_out)}" if held_out else "") + (f" --steps {steps}" if steps else f" --minutes {minutes}"),
