@@ -48,3 +48,23 @@ def test_finetune_refuses_a_session_both_trained_and_held_out(tmp_path, capsys):
     assert main(["finetune", "--pack", "kidney-glomeruli", "--session", str(session), "--val-session", str(tmp_path), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "both to train on and to validate on" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrected_dataset_is_written_afresh(tmp_path):
+    """A second fine-tuning run in the same folder trains on its own sessions only, not on tiles left by the first."""
+    from medseg.annotate.finetune import corrected_dataset
+    from medseg.train.datasets import folder_cases
+
+    sessions = []
+    for k in range(2):
+        image = tmp_path / f"img{k}.png"
+        iio.imwrite(image, np.random.default_rng(k).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+        tifffile.imwrite(tmp_path / "m.tif", scene())
+        assert main(["correct", str(image), "--mask", str(tmp_path / "m.tif"), "--export", str(tmp_path / f"out{k}"), "--formats", "csv"]) == 0
+        sessions.append(tmp_path / f"img{k}.correct")
+    folder, tiles = corrected_dataset(sessions, tmp_path / "corrected", None)
+    assert len(folder_cases(folder)) == len(tiles) == 2
+    folder, tiles = corrected_dataset(sessions[1:], tmp_path / "corrected", None)
+    cases = folder_cases(folder)
+    assert len(cases) == len(tiles) == 1 and cases[0].split == "train" and cases[0].mpp is None
+    assert np.array_equal(iio.imread(cases[0].mask), (scene() > 0).astype(np.uint8))

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,8 +76,9 @@ def corrected_dataset(sessions: Sequence[str | os.PathLike], folder: str | os.Pa
     from medseg.resample import resample_image, resample_labels, scale_factor, target_shape
 
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks"):  # written afresh: tiles of an earlier run in this folder must not be trained on
+        shutil.rmtree(folder / sub, ignore_errors=True)
+        (folder / sub).mkdir(parents=True)
     rows, described = [], []
     for k, path in enumerate(sessions):
         with CorrectionSession.open(path) as s:
