@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run: train the three shipped packs with the full configs of the paper networks,
+# One prepared GPU run: train the three shipped packs with the full configs of the paper networks (and DMAF-Net),
 # each for a fixed time budget, and keep each run's pack and validation report under work/gpu/.
 # Usage (on a machine with a CUDA GPU, from the repository root, after `make setup`):
 #   scripts/train_packs_gpu.sh [MINUTES_PER_RUN] [ARCHS]
@@ -20,4 +20,14 @@ for task in "psfhs ultrasound-fhps" "polyp colon-polyp" "glomeruli kidney-glomer
       || echo "$run failed: see work/gpu/$run.log"
   done
 done
+# DMAF-Net (full config) and the zero-filled U-Net baseline on MyoPS, the same step schedule for both (issue 9).
+MS_STEPS=${MS_STEPS:-6000}
+for arch in dmafnet unet; do
+  run="gpu-myops-$arch-full"
+  id=$([ "$arch" = dmafnet ] && echo cardiac-myops || echo cardiac-myops-unet-baseline)
+  $BIN/python -m medseg.train.multiseq --arch "$arch" --config full --device cuda --steps "$MS_STEPS" --batch-size 16 --lr 1e-3 \
+    --minutes "$MINUTES" --workdir work/gpu --run "$run" --pack-id "$id" --fresh > "work/gpu/$run.log" 2>&1 \
+    || echo "$run stopped or failed: see work/gpu/$run.log (a run stopped at --minutes continues with --resume)"
+done
 grep -H "Dice" work/gpu/*/val_report.md | head -50
+tail -n 30 work/gpu/gpu-myops-*-full.log

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg import models
+from medseg.engine.devices import resolve_device
 from medseg.engine.progress import CancelToken, Job, Progress, run_sync
 from medseg.errors import Cancelled, InputError, UsageError
 from medseg.models.dmafnet import (
@@ -118,6 +119,7 @@ class MultiseqConfig:
     ema: float = 0.9
     seed: int = 1037
     threads: int | None = 1
+    device: str = "auto"  # auto (a CUDA GPU when there is one), cpu, cuda[:n] or mps
     ckpt_every: int = 25
     workdir: str = "work/multiseq"
     run: str | None = None
@@ -407,10 +409,15 @@ class _Run:
         self.steps_per_epoch = max(1, math.ceil(len(self.data.labels) / cfg.batch_size))
         self.run_dir = Path(cfg.workdir) / cfg.run_name
         self.ckpt_path = self.run_dir / CHECKPOINT
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     def build(self) -> nn.Module:
-        seed_everything(self.cfg.seed, True, torch.device("cpu"))
-        return models.build(self.cfg.arch, in_channels=len(SEQUENCES), num_classes=len(MYOPS_CLASSES), config=self.cfg.config)
+        seed_everything(self.cfg.seed, True, self.device)
+        model = models.build(self.cfg.arch, in_channels=len(SEQUENCES), num_classes=len(MYOPS_CLASSES), config=self.cfg.config)
+        return model.to(self.device)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch of ``step``: a pure function of (seed, step), so a resumed run equals an uninterrupted one."""
@@ -432,6 +439,7 @@ class _Run:
 
     def step(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, present: torch.Tensor) -> dict[str, float]:
         model.train()
+        x, y, present = x.to(self.device), y.to(self.device), present.to(self.device)
         opt.zero_grad(set_to_none=True)
         weights = None
         if isinstance(model, DMAFNet):
@@ -553,6 +561,7 @@ class _Run:
                 "epochs": round(step * cfg.batch_size / len(self.data.labels), 1),
                 "seconds": round(seconds, 1),
                 "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device),
                 "init_from": getattr(self, "init_info", None),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
@@ -566,8 +575,9 @@ class _Run:
         out = Path(cfg.out) if cfg.out else self.run_dir / "pack"
         report = None
         if cfg.evaluate:
-            report = yield from evaluate_subsets_iter(pack, cfg.root, self.split["val"], extra)
+            report = yield from evaluate_subsets_iter(pack, cfg.root, self.split["val"], extra, device=str(self.device))
             extra["metrics"] = {"validation": report["summary"]}
+        pack.model.to("cpu")
         pack.manifest.update(extra)
         path = save_pack(pack, out, dtype=torch.float16, extra=extra)
         return MultiseqTrainResult(path, step, seconds, history, report)
@@ -655,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack-id", default="cardiac-myops")
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one; default), cpu, cuda[:n] or mps")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--stop-early", action="store_true", help="with --resume: write the pack from the checkpoint now")
@@ -665,10 +676,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--stop-early needs --resume")
     cfg = MultiseqConfig(data_root=args.data_root, arch=args.arch, config=args.config, steps=args.steps, batch_size=args.batch_size,
                          minutes=args.minutes, lr=args.lr, sampling=args.sampling, monitor=not args.no_monitor, workdir=args.workdir,
-                         run=args.run, out=args.out, pack_id=args.pack_id, threads=args.threads, resume=args.resume, fresh=args.fresh,
+                         run=args.run, out=args.out, pack_id=args.pack_id, threads=args.threads, device=args.device, resume=args.resume, fresh=args.fresh,
                          stop_early=args.stop_early, init_from=args.init_from, seed=args.seed,
                          command="python -m medseg.train.multiseq " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    result = drive(train_iter(cfg), desc=cfg.run_name, unit="step")
+    from medseg.errors import MedsegError
+
+    try:
+        result = drive(train_iter(cfg), desc=cfg.run_name, unit="step")
+    except MedsegError as exc:
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if result is None:
         print(f"stopped at the time limit; continue with --resume (run '{cfg.run_name}')", file=sys.stderr)
         return 3
