@@ -448,7 +448,8 @@ class CorrectWidget(JobDock, Container):
             self.jobs.report("Open a session and choose the pack to fine-tune.", "error")
             return None
         held_out = [p.strip() for p in self.held_out.value.split(";") if p.strip()]
-        return self.jobs.start(finetune_iter, self.pack.value, [self.session.folder], steps=int(self.steps.value), val_sessions=held_out or None,
+        workdir = Path(self.session.folder).resolve().parent / "medseg-work"  # beside the annotator's images, not wherever napari started
+        return self.jobs.start(finetune_iter, self.pack.value, [self.session.folder], steps=int(self.steps.value), val_sessions=held_out or None, workdir=workdir,
                                description=f"Fine-tuning {self.pack.value}", on_result=self._on_finetuned)
 
     def _on_finetuned(self, result) -> None:

@@ -143,8 +143,8 @@ def test_finetune_button_runs_off_the_gui_thread(make_napari_viewer, qtbot, sess
 
     seen = {}
 
-    def fake_job(pack, sessions, steps=None, val_sessions=None, cancel=None, **kw):
-        seen.update(pack=pack, sessions=[Path(s) for s in sessions], steps=steps, val_sessions=val_sessions, thread=threading.current_thread())
+    def fake_job(pack, sessions, steps=None, val_sessions=None, workdir=None, cancel=None, **kw):
+        seen.update(pack=pack, sessions=[Path(s) for s in sessions], steps=steps, val_sessions=val_sessions, workdir=workdir, thread=threading.current_thread())
         yield Progress(1, 2, "step 1")
         return finetune.FinetuneResult(Path("new-pack"), "1.1.0", {}, {}, 0.7, 0.5, 1, steps, 1.0)
 
@@ -160,6 +160,7 @@ def test_finetune_button_runs_off_the_gui_thread(make_napari_viewer, qtbot, sess
     qtbot.waitUntil(lambda: not widget.jobs.running, timeout=30_000)
     assert seen["pack"] == "test-unet" and seen["sessions"] == [session_folder] and seen["steps"] == 7
     assert seen["val_sessions"] == ["held/a.correct", "held/b.correct"]
+    assert seen["workdir"] == session_folder.resolve().parent / "medseg-work"
     assert seen["thread"] is not threading.main_thread()
     assert "1.1.0" in widget.status.value and "0.7000 -> 0.5000" in widget.status.value
 
