@@ -219,7 +219,7 @@ def finetune_iter(
         init_from=str(old.path), train_folder=str(train_folder), val_folder=str(val_folder) if val_folder else None, train_replay=replay, freeze_norm=freeze_norm, augment=augment != "none", augment_overrides=AUGMENT[augment], crop=crop or (None if augment == "recipe" else recipe.tile), steps=steps, minutes=minutes, lr=lr, warmup=0.05, seed=seed,
         val_limit=val_limit, val_every=val_every or (max(1, steps // 2) if steps else None), workdir=str(workdir), run=run, fresh=True, out=str(out), pack_id=old.id, threads=threads,
         cpu_bf16=bool((training.get("config") or {}).get("cpu_bf16", False)),
-        command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --val-session {' '.join(str(f) for f in held_out)}" if held_out else "") + (f" --steps {steps}" if steps else f" --minutes {minutes}"),
+        command=f"medseg finetune --pack {old.id} --session {' '.join(str(f) for f in folders)}" + (f" --val-session {' '.join(str(f) for f in held_out)}" if held_out else "") + (f" --steps {steps}" if steps else f" --minutes {minutes}") + f" --lr {lr:g} --augment {augment}" + (f" --crop {crop}" if crop else ""),
     )
     result = yield from train_iter(cfg, cancel)
     new = load_pack(result.pack_path)
