@@ -43,6 +43,11 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def device_name(device: torch.device) -> str:
+    """What a run records as its device: the GPU's name for CUDA, else ``cpu`` / ``mps``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def available_devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available():

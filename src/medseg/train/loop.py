@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from medseg import models
-from medseg.engine.devices import resolve_device
+from medseg.engine.devices import device_name, resolve_device
 from medseg.engine.predictor import PredictConfig
 from medseg.engine.progress import CancelToken, Job, Progress, run_sync
 from medseg.errors import Cancelled, UsageError
@@ -270,13 +270,14 @@ class _Trainer:
         self.val_quick = evenly(self.val_cases, cfg.val_limit)
         self.n_val = 10  # validations per run, unless --val-every says otherwise
         self.normaliser = Normaliser.from_spec(self.recipe.normalisation)
+        self.augment_config = self.augmentation()
         self.dataset = SegmentationDataset(
             self.train_cases,
             self.recipe.in_channels,
             self.recipe.num_classes,
             self.normaliser,
             self.crop,
-            self.augmentation(),
+            self.augment_config,
             self.recipe.mpp,
             cache=True,
         )
@@ -567,14 +568,14 @@ class _Trainer:
             "optimiser": f"AdamW (lr {cfg.lr}, weight decay {cfg.weight_decay}, none on 1-D parameters)",
             "schedule": f"linear warm-up {self.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr",
             "loss": "cross-entropy + soft Dice (foreground classes, batch Dice)",
-            "augmentation": self.augmentation().to_dict() if cfg.augment else None,
+            "augmentation": self.augment_config.to_dict() if cfg.augment else None,
             "seed": cfg.seed,
             "best_step": self.best_step,
             "best_val_dice_quick": round(self.best_score, 4),
             "seconds": round(self.elapsed(), 1),
             "steps_per_minute": round(60.0 * self.step / train_s, 2),
             "images_per_second": round(images / train_s, 3),
-            "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            "device": device_name(self.device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg import models
-from medseg.engine.devices import resolve_device
+from medseg.engine.devices import device_name, resolve_device
 from medseg.engine.progress import CancelToken, Job, Progress, run_sync
 from medseg.errors import Cancelled, InputError, UsageError
 from medseg.models.dmafnet import (
@@ -561,7 +561,7 @@ class _Run:
                 "epochs": round(step * cfg.batch_size / len(self.data.labels), 1),
                 "seconds": round(seconds, 1),
                 "threads": torch.get_num_threads(),
-                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device),
+                "device": device_name(self.device),
                 "init_from": getattr(self, "init_info", None),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
