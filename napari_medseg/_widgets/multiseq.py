@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
 import pandas  # noqa: F401  (napari imports it lazily for the first Labels layer; keep that off the GUI thread)
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, ProgressBar, PushButton
 from napari.layers import Image, Labels
 
 from medseg.engine import CancelToken, Progress
@@ -50,6 +50,7 @@ class MultiseqRequest:
     sources: dict[str, str]
     pack_id: str
     device: str
+    tta: bool = False
 
 
 @refusing
@@ -59,7 +60,7 @@ def multiseq_job(request: MultiseqRequest, cancel: CancelToken | None = None) ->
     arrays = {s: (from_layer_array(np.asarray(a)) if a is not None else None) for s, a in request.arrays.items()}
     study = study_from_arrays(arrays, request.spacings, request.sources, request.affines,
                               hint="assign at least one image layer to C0, LGE or T2.")
-    return (yield from segment_study_iter(study, request.pack_id, request.device, cancel))
+    return (yield from segment_study_iter(study, request.pack_id, request.device, cancel, tta=request.tta))
 
 
 class MultiseqWidget(JobDock, Container):
@@ -77,6 +78,8 @@ class MultiseqWidget(JobDock, Container):
         self.model = ComboBox(label="model", choices=self._pack_choices, tooltip="installed multi-sequence packs")
         self.model_info = Label(label="", value="")
         self.device = ComboBox(label="device", choices=device_choices(), value="auto")
+        self.tta = CheckBox(label="flip averaging", value=False,
+                            tooltip="test-time augmentation: average over the flips the pack was trained with (up to 4x slower)")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False)
@@ -85,7 +88,7 @@ class MultiseqWidget(JobDock, Container):
         self.used = Label(label="used", value="")
         for label in (self.model_info, self.status, self.used):
             label.native.setWordWrap(True)
-        self.extend([*self.sequence_boxes.values(), self.model, self.model_info, self.device, buttons, self.progress, self.status, self.used])
+        self.extend([*self.sequence_boxes.values(), self.model, self.model_info, self.device, self.tta, buttons, self.progress, self.status, self.used])
         self.jobs = JobRunner(run_buttons=[self.run_button], cancel_button=self.cancel_button, bar=self.progress, status=self.status)
         self.model.changed.connect(self._on_model_changed)
         self.run_button.changed.connect(self.run)
@@ -154,6 +157,7 @@ class MultiseqWidget(JobDock, Container):
             sources={s: f"layer '{layer.name}'" for s, layer in chosen.items()},
             pack_id=self.model.value,
             device=self.device.value,
+            tta=self.tta.value,
         )
         self._reference = next(iter(chosen.values()))
         return self.jobs.start(multiseq_job, request, description=f"Segmenting {', '.join(chosen)} with {self.model.value}",

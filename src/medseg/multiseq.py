@@ -123,14 +123,14 @@ def study_files(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def segment_study_file_iter(paths: Mapping[str, str | os.PathLike | None], pack: Any, output: str | os.PathLike, device: str = "cpu",
-                            cancel: CancelToken | None = None) -> Job[tuple[Path, MultiseqResult]]:
+                            cancel: CancelToken | None = None, tta: bool = False) -> Job[tuple[Path, MultiseqResult]]:
     """Read a study's sequence files, segment it and write the label volume: what ``medseg multiseq`` does."""
     from medseg.io.nifti import is_nifti
 
     if not is_nifti(output):
         raise InputError(f"'{output}' is not a NIfTI name: end the output file in .nii.gz or .nii.")
     study = load_study(paths)
-    result = yield from segment_study_iter(study, pack, device, cancel)
+    result = yield from segment_study_iter(study, pack, device, cancel, tta=tta)
     return write_label_volume(output, result, study), result
 
 
@@ -223,12 +223,15 @@ class MultiseqResult:
     weights: dict[str, float]  # mean fusion weight per used sequence (DMAF-Net), empty otherwise
     pack_id: str
     seconds: float
+    flips: int = 0  # mirror images averaged besides the slice itself (test-time augmentation)
 
     def notice(self) -> str:
         absent = [s for s in SEQUENCES if s not in self.used]
         text = f"Used {', '.join(self.used)}" + (f" ({', '.join(absent)} absent)" if absent else " (all three)")
         if self.weights:
             text += "; fusion weights " + ", ".join(f"{s} {w:.2f}" for s, w in self.weights.items())
+        if self.flips:
+            text += f"; averaged over {self.flips + 1} mirror images"
         return text + "."
 
 
@@ -239,11 +242,17 @@ def pack_sequences(pack: Any) -> list[str]:
     return [canonical_sequence(s) for s in seqs]
 
 
-def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: CancelToken | None = None) -> Job[MultiseqResult]:
-    """Generator: one :class:`Progress` per slice; returns the :class:`MultiseqResult`."""
+def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: CancelToken | None = None, tta: bool = False) -> Job[MultiseqResult]:
+    """Generator: one :class:`Progress` per slice; returns the :class:`MultiseqResult`.
+
+    With ``tta`` the class probabilities of each slice are the mean over the slice and its mirror
+    images (each flipped back): only the flips the pack was trained with
+    (:func:`medseg.engine.predictor.tta_flips`), so a pack trained without flips is run once.
+    """
     import torch
 
     from medseg.engine.devices import resolve_device
+    from medseg.engine.predictor import tta_flips
     from medseg.models.dmafnet import DMAFNet
     from medseg.train.packs import resolve
 
@@ -257,6 +266,7 @@ def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: Can
         check_not_constant(study.volumes[s], f"{s} ({study.sources.get(s, s)})")
     dev = resolve_device(device)
     model = pack.model.to(dev).eval()
+    flips = tta_flips(pack) if tta else ()
     target = pack.manifest.get("spacing_mm")
     values = np.array([c.value for c in pack.classes], dtype=np.int64)
     if values.max(initial=0) > np.iinfo(np.uint16).max:
@@ -266,6 +276,25 @@ def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: Can
     labels = np.zeros((nx, ny, nz), dtype=np.uint16)
     present = torch.tensor([[s in used for s in seqs]], device=dev)
     weight_sum = np.zeros(len(seqs))
+    fusion = isinstance(model, DMAFNet)
+
+    def probabilities(xt):
+        """Class probabilities (1, C, h, w) of one slice, and DMAF-Net's fusion weights (mean over the views)."""
+        views, weights = [(), *flips], []
+        total = None
+        for dims in views:
+            xv = xt.flip(dims) if dims else xt
+            if fusion:
+                out = model.forward_fusion(xv, present)
+                logits = out.logits
+                weights.append(out.weights[0].float().cpu().numpy())
+            else:
+                logits = network_logits(model, xv, present)
+            p = torch.softmax(logits.float(), dim=1)
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total + p
+        return total / len(views), (np.mean(weights, axis=0) if weights else None)
+
     yield Progress(0, nz, f"{pack.id}: {', '.join(used)}")
     with torch.inference_mode():
         h, w = model_grid((nx, ny), spacing_xy, target)
@@ -275,19 +304,14 @@ def segment_study_iter(study: Study, pack: Any, device: str = "cpu", cancel: Can
             for i, s in enumerate(seqs):
                 if s in used:
                     x[0, i] = prepare_slice(study.volumes[s][:, :, k], spacing_xy, target)
-            xt = torch.from_numpy(x).to(dev)
-            if isinstance(model, DMAFNet):
-                out = model.forward_fusion(xt, present)
-                logits = out.logits
-                weight_sum += out.weights[0].float().cpu().numpy()
-            else:
-                logits = network_logits(model, xt, present)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy().transpose(1, 2, 0)
-            probs = resample_image(probs, (nx, ny))
+            p, fw = probabilities(torch.from_numpy(x).to(dev))
+            if fw is not None:
+                weight_sum += fw
+            probs = resample_image(p[0].cpu().numpy().transpose(1, 2, 0), (nx, ny))
             labels[:, :, k] = values[probs.argmax(axis=-1)]
             yield Progress(k + 1, nz, f"slice {k + 1}/{nz}")
-    weights = {s: float(weight_sum[i] / nz) for i, s in enumerate(seqs) if s in used} if isinstance(model, DMAFNet) else {}
-    return MultiseqResult(labels, list(pack.classes), used, weights, pack.id, time.perf_counter() - t0)
+    weights = {s: float(weight_sum[i] / nz) for i, s in enumerate(seqs) if s in used} if fusion else {}
+    return MultiseqResult(labels, list(pack.classes), used, weights, pack.id, time.perf_counter() - t0, len(flips))
 
 
 def write_label_volume(path: str | os.PathLike, result: MultiseqResult, study: Study) -> Path:
@@ -317,6 +341,7 @@ def add_parser(sub) -> None:
     p.add_argument("--study", metavar="DIR", help="a study folder: its C0, LGE (DE) and T2 files are found by name (--c0/--lge/--t2 override)")
     p.add_argument("-o", "--output", required=True, help="output label volume, .nii.gz or .nii")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over the flips the pack was trained with (4x slower)")
     p.set_defaults(run=_run)
 
 
@@ -325,7 +350,7 @@ def _run(args) -> int:
 
     paths: dict[str, Any] = dict(study_files(args.study)) if args.study else {}
     paths.update({s: p for s, p in (("C0", args.c0), ("LGE", args.lge), ("T2", args.t2)) if p})
-    out, result = drive(segment_study_file_iter(paths, args.model, args.output, args.device), desc="multiseq", unit="slice")
+    out, result = drive(segment_study_file_iter(paths, args.model, args.output, args.device, tta=args.tta), desc="multiseq", unit="slice")
     _say(f"{result.notice()} -> {out} ({result.seconds:.2f} s)")
     return 0
 

@@ -21,7 +21,7 @@ MYOPS_VALUES = {0, 200, 500, 600, 1220, 2221}
 
 @pytest.fixture
 def viewer_and_widget(tmp_path, monkeypatch, make_napari_viewer):
-    save_tiny_pack(tmp_path / "packs")
+    save_tiny_pack(tmp_path / "packs", augmentation={"hflip": True, "vflip": True})
     monkeypatch.setenv("MEDSEG_MODELS", str(tmp_path / "packs"))
     viewer = make_napari_viewer()
     for i, name in enumerate(("C0", "DE", "T2")):  # layers as the NIfTI reader names them: (Z, X, Y), slices first
@@ -55,6 +55,10 @@ def test_runs_with_three_and_with_one_sequence(qtbot, viewer_and_widget):
     assert widget.used.value.startswith("Used LGE (C0, T2 absent)")
     assert widget.last_result.weights == {"LGE": pytest.approx(1.0)}
     assert len([ly for ly in viewer.layers if ly.metadata.get("model") == TINY_PACK]) == 2
+
+    widget.tta.value = True  # flip averaging: the pack records flips in its training, so 4 mirror images
+    assert run_and_wait(qtbot, widget) is not None
+    assert widget.last_result.flips == 3 and "averaged over 4 mirror images" in widget.used.value
 
 
 def test_mismatched_layers_and_no_sequence_are_one_sentence(qtbot, viewer_and_widget):

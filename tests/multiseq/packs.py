@@ -13,8 +13,9 @@ TINY_PACK = "tiny-myops"
 AFFINE = np.array([[0.0, -0.7, 3.0, 10.0], [0.2, 0.0, -11.0, -40.0], [-0.7, 0.0, 3.4, 25.0], [0.0, 0.0, 0.0, 1.0]])
 
 
-def save_tiny_pack(folder: Path, pack_id: str = TINY_PACK, spacing_mm: float | None = None) -> Path:
-    """An untrained small DMAF-Net (base width 4) with the MyoPS classes, saved as a pack folder."""
+def save_tiny_pack(folder: Path, pack_id: str = TINY_PACK, spacing_mm: float | None = None, augmentation: dict | None = None) -> Path:
+    """An untrained small DMAF-Net (base width 4) with the MyoPS classes, saved as a pack folder
+    (``augmentation``: the training augmentation its manifest records, which decides the flips of --tta)."""
     from medseg import models
     from medseg.train.multiseq import MYOPS_CLASSES
     from medseg.train.packs import Pack, save_pack
@@ -22,6 +23,8 @@ def save_tiny_pack(folder: Path, pack_id: str = TINY_PACK, spacing_mm: float | N
     torch.manual_seed(0)
     model = models.build("dmafnet", in_channels=3, num_classes=len(MYOPS_CLASSES), config="small", **TINY).eval()
     manifest = {"sequences": ["C0", "LGE", "T2"], "overrides": dict(TINY), "spacing_mm": spacing_mm}
+    if augmentation is not None:
+        manifest["training"] = {"augmentation": augmentation}
     pack = Pack(pack_id, model, "dmafnet", "small", 3, list(MYOPS_CLASSES), manifest=manifest)
     return save_pack(pack, folder / pack_id)
 

@@ -45,6 +45,29 @@ def test_absent_sequences_change_nothing_in_the_output(tiny_pack):
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def test_flip_averaging_uses_the_packs_training_flips(tmp_path, monkeypatch):
+    """--tta averages the slice with its mirror images only when the pack was trained with flips; the
+    average over all mirror images is itself mirror-symmetric: a mirrored study gives the mirrored labels."""
+    from tests.multiseq.packs import save_tiny_pack
+
+    save_tiny_pack(tmp_path, "tiny-flips", augmentation={"hflip": True, "vflip": True})
+    save_tiny_pack(tmp_path, "tiny-plain")
+    monkeypatch.setenv("MEDSEG_MODELS", str(tmp_path))
+    vols = {"C0": synthetic_volume((40, 36, 2), 0), "LGE": synthetic_volume((40, 36, 2), 1)}
+    vols["LGE"][5:15, 3:12] += 600  # something off-centre, so that mirroring changes the input
+    plain = run_sync(segment_study_iter(study_from_arrays(vols), "tiny-plain"))
+    same = run_sync(segment_study_iter(study_from_arrays(vols), "tiny-plain", tta=True))
+    assert same.flips == 0 and "mirror" not in same.notice()
+    np.testing.assert_array_equal(plain.labels, same.labels)  # trained without flips: nothing to average
+    averaged = run_sync(segment_study_iter(study_from_arrays(vols), "tiny-flips", tta=True))
+    assert averaged.flips == 3 and "averaged over 4 mirror images" in averaged.notice()
+    assert sum(averaged.weights.values()) == pytest.approx(1.0, abs=1e-5)
+    mirrored = run_sync(segment_study_iter(study_from_arrays({s: v[::-1] for s, v in vols.items()}), "tiny-flips", tta=True))
+    assert np.mean(mirrored.labels[::-1] == averaged.labels) > 0.999
+    once = run_sync(segment_study_iter(study_from_arrays({s: v[::-1] for s, v in vols.items()}), "tiny-flips"))
+    assert np.mean(once.labels[::-1] != run_sync(segment_study_iter(study_from_arrays(vols), "tiny-flips")).labels) > 0  # untrained: not symmetric by itself
+
+
 def test_mismatched_geometry_and_no_sequence_are_one_sentence(tmp_path):
     paths = write_study(tmp_path / "a", shape=(40, 36, 2))
     other = write_nifti(tmp_path / "t2_shape.nii.gz", synthetic_volume((40, 36, 3)), AFFINE)
@@ -97,6 +120,10 @@ def test_cli_end_to_end_on_a_real_subject(tmp_path, capsys):
     # one sequence only (LGE) still runs and still finds the LV blood pool
     code = main(["multiseq", "--model", "cardiac-myops", "--lge", str(subject / "DE.nii.gz"), "-o", str(out), "--device", "cpu"])
     assert code == 0 and "C0, T2 absent" in capsys.readouterr().err
+    assert dice(read_nifti(out).array == 500, ref.array == 500) > 0.7
+    # flip averaging: the shipped pack was trained with flips, so --tta averages 4 mirror images
+    code = main(["multiseq", "--model", "cardiac-myops", "--lge", str(subject / "DE.nii.gz"), "-o", str(out), "--device", "cpu", "--tta"])
+    assert code == 0 and "averaged over 4 mirror images" in capsys.readouterr().err
     assert dice(read_nifti(out).array == 500, ref.array == 500) > 0.7
 
 

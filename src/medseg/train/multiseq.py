@@ -557,6 +557,7 @@ class _Run:
                 "train_subjects": self.train_subjects,
                 "validation_subjects": self.split["val"],
                 "slices": int(len(self.data.labels)),
+                "augmentation": AUGMENT.to_dict(),
                 "steps": step,
                 "epochs": round(step * cfg.batch_size / len(self.data.labels), 1),
                 "seconds": round(seconds, 1),
@@ -606,7 +607,7 @@ def region_dice(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_subsets_iter(pack: Pack, root: Path, subjects: list[int], manifest_extra: dict[str, Any] | None = None,
-                          device: str = "cpu") -> Job[dict[str, Any]]:
+                          device: str = "cpu", tta: bool = False) -> Job[dict[str, Any]]:
     """Dice per region, per subject (3-D, on the original grid) and per sequence subset, through the user path."""
     if manifest_extra:
         pack.manifest.update(manifest_extra)
@@ -619,7 +620,7 @@ def evaluate_subsets_iter(pack: Pack, root: Path, subjects: list[int], manifest_
         for subj, vols, gd in cases:
             ref = next(iter(vols.values()))
             study = study_from_arrays({s: vols[s].array for s in combo}, ref.spacing, affine=ref.affine)
-            result = run_sync(segment_study_iter(study, pack, device))
+            result = run_sync(segment_study_iter(study, pack, device, tta=tta))
             per_subject[subj] = region_dice(result.labels, gd)
             done += 1
             yield Progress(done, total, f"{'+'.join(combo)} subject {subj}")
