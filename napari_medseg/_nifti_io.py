@@ -1,4 +1,8 @@
-"""Reader contribution for NIfTI volumes (.nii, .nii.gz): one image layer per file, voxel spacing as scale.
+"""Reader contribution for NIfTI volumes (.nii, .nii.gz): one layer per file, voxel spacing as scale.
+
+A file named as a label map (``gd``, ``gt``, ``label(s)``, ``seg``, ``mask``, ``manual``, alone or as
+the last word of the name, e.g. ``subject_101_gd.nii.gz``) holding integers opens as a Labels layer;
+every other file as an image layer.
 
 A volume ``(X, Y, Z)`` becomes a layer ``(Z, X, Y)``: the slider runs across the slices (for short-axis
 cardiac MRI, the short-axis stack) and each slice is shown as stored. Several files of one study, or a
@@ -19,6 +23,7 @@ from medseg.io.nifti import NiftiVolume, is_nifti, read_nifti
 
 LayerData = tuple[Any, dict[str, Any], str]
 AXES = "ZXY"  # layer axis order: slices first, then the file's voxel axes 0 and 1
+LABEL_NAMES = {"gd", "gt", "label", "labels", "seg", "mask", "manual"}
 
 
 def get_nifti_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -50,6 +55,12 @@ def from_layer_array(array: np.ndarray) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else np.moveaxis(array, 0, 2)
 
 
+def is_label_volume(volume: NiftiVolume, name: str) -> bool:
+    """A label map: named as one (last word of the name) and holding integers."""
+    word = name.rsplit("/", 1)[-1].lower().replace("-", "_").rsplit("_", 1)[-1]
+    return word in LABEL_NAMES and np.issubdtype(volume.array.dtype, np.integer)
+
+
 def nifti_layer_data(volume: NiftiVolume, name: str | None = None) -> LayerData:
     sx, sy, sz = volume.spacing
     kwargs = {
@@ -58,11 +69,14 @@ def nifti_layer_data(volume: NiftiVolume, name: str | None = None) -> LayerData:
         "metadata": {"medseg": {"path": str(volume.path) if volume.path else None, "affine": volume.affine.tolist(),
                                 "spacing_mm": [sx, sy, sz], "axes": AXES, "axis_codes": volume.metadata.get("axis_codes")}},
     }
+    if is_label_volume(volume, kwargs["name"]):
+        kwargs["opacity"] = 0.5
+        return to_layer_array(volume.array), kwargs, "labels"
     return to_layer_array(volume.array), kwargs, "image"
 
 
 def read_nifti_layers(path: str | list[str]) -> list[LayerData]:
-    """One image layer per NIfTI file (files of a folder in name order)."""
+    """One layer per NIfTI file (files of a folder in name order): label maps as Labels, the rest as images."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files: list[Path] = []
     for p in paths:
@@ -76,4 +90,4 @@ def read_nifti_layers(path: str | list[str]) -> list[LayerData]:
     return layers
 
 
-__all__ = ["AXES", "from_layer_array", "get_nifti_reader", "nifti_layer_data", "read_nifti_layers", "to_layer_array"]
+__all__ = ["AXES", "LABEL_NAMES", "from_layer_array", "get_nifti_reader", "is_label_volume", "nifti_layer_data", "read_nifti_layers", "to_layer_array"]

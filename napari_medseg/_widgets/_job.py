@@ -73,6 +73,7 @@ class JobRunner:
         self._on_result: Callable[[Any], None] | None = None
         self._on_done: Callable[[], None] | None = None
         self._on_event: Callable[[Progress], None] | None = None
+        self._completed = False  # the last job returned a result (the bar then stays full)
 
     @property
     def running(self) -> bool:
@@ -97,6 +98,7 @@ class JobRunner:
             pass
         worker.finished.connect(self._on_finished)
         self.worker, self._on_result, self._on_done, self._on_event = worker, on_result, on_done, on_progress
+        self._completed = False
         self._set_running(True)
         self._pbar = progress(total=0, desc=description)
         self._set_status(f"{description}...")
@@ -142,7 +144,9 @@ class JobRunner:
     def _on_returned(self, outcome: Any) -> None:
         if isinstance(outcome, Refused):
             self.report(str(outcome.error), "info" if isinstance(outcome.error, Cancelled) else "error")
-        elif self._on_result is not None:
+            return
+        self._completed = True
+        if self._on_result is not None:
             self._on_result(outcome)
 
     def _on_unexpected_error(self, exc: Exception) -> None:
@@ -168,9 +172,9 @@ class JobRunner:
             button.enabled = not running
         if self.cancel_button is not None:
             self.cancel_button.enabled = running
-        if not running and self.bar is not None:
+        if not running and self.bar is not None:  # done: full; refused, cancelled or failed: empty
             self.bar.max = max(self.bar.max, 1)
-            self.bar.value = 0
+            self.bar.value = self.bar.max if self._completed else 0
 
     def _set_status(self, message: str) -> None:
         if self.status is not None:

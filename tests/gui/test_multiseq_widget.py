@@ -48,6 +48,7 @@ def test_runs_with_three_and_with_one_sequence(qtbot, viewer_and_widget):
     assert set(np.unique(layer.data)) <= MYOPS_VALUES
     assert "LV myocardial scar" in list(layer.features["class"])
     assert widget.used.value.startswith("Used C0, LGE, T2 (all three)") and "fusion weights" in widget.used.value
+    assert widget.progress.value == widget.progress.max == 2  # done: the bar stays full (2 slices)
 
     widget.assign(C0=None, T2=None)
     assert run_and_wait(qtbot, widget) is not None
@@ -68,6 +69,7 @@ def test_mismatched_layers_and_no_sequence_are_one_sentence(qtbot, viewer_and_wi
     widget.assign(T2=odd)
     run_and_wait(qtbot, widget)
     assert "must share one grid" in widget.last_message and "\n" not in widget.last_message
+    assert widget.progress.value == 0  # refused: the bar is empty
     spaced = viewer.add_image(np.moveaxis(synthetic_volume((40, 36, 2), 5), 2, 0), name="spaced", scale=(10.0, 0.73, 0.73))
     widget.assign(T2=spaced)
     run_and_wait(qtbot, widget)

@@ -72,3 +72,21 @@ def test_reader_contribution_opens_a_study_as_aligned_layers(tmp_path):
     np.testing.assert_array_equal(from_layer_array(layers[0][0]), read_nifti(paths["C0"]).array)
     single = get_nifti_reader([str(paths["T2"])])([str(paths["T2"])])
     assert single[0][1]["name"] == "T2"
+
+
+def test_reader_opens_label_maps_as_labels_layers(tmp_path):
+    """A study folder's label map (MyoPS 'gd', '<name>_seg', ...) of integers opens as a Labels layer on the
+    same grid; a float volume or an integer image with another name stays an image."""
+    from napari_medseg._nifti_io import read_nifti_layers
+    from tests.multiseq.packs import write_study
+
+    write_study(tmp_path / "study", shape=(30, 20, 4))
+    labels = np.zeros((30, 20, 4), np.uint16)
+    labels[5:15, 5:10] = 500
+    write_nifti(tmp_path / "study" / "gd.nii.gz", labels, AFFINE)
+    write_nifti(tmp_path / "study" / "prob_seg.nii.gz", labels.astype(np.float32) / 500, AFFINE)
+    layers = {kw["name"]: (data, kw, kind) for data, kw, kind in read_nifti_layers(str(tmp_path / "study"))}
+    assert layers["study/gd"][2] == "labels" and set(np.unique(layers["study/gd"][0])) == {0, 500}
+    assert layers["study/gd"][1]["scale"] == layers["study/C0"][1]["scale"]
+    assert layers["study/prob_seg"][2] == "image"  # not integers: a probability map, shown as an image
+    assert {layers[f"study/{s}"][2] for s in ("C0", "LGE", "T2")} == {"image"}  # int16 images, named as sequences
