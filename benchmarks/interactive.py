@@ -10,7 +10,9 @@ each glomerulus and each polyp (connected components). Three ways to get an obje
 - automatic pack alone: the pack's own segmentation, its best-matching connected component (no clicks);
 - click fallback: the automatic pack with clicks (the object under each positive click, negative
   clicks remove the region they land in);
-- interactive pack (``<id>-click``): the click-guided network.
+- interactive pack (``<id>-click``): the click-guided network alone;
+- interactive pack, seeded: where the pack's manifest asks for it (chosen on validation), the first
+  click starts from the automatic pack's object, which the network refines (what users get).
 
 Latency: one click on a 512 x 512 window on the CPU (median of repeats), for
 the fallback's first click in a window (a network run), a click in an already predicted window
@@ -37,7 +39,7 @@ from medseg.engine.predictor import Predictor  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.interactive.clicks import Click, interior_point  # noqa: E402
 from medseg.interactive.evaluate import MAX_CLICKS, click_run, objects_of, summarise_runs  # noqa: E402
-from medseg.interactive.session import ClickSession, FallbackEngine, GuidedEngine, window_around  # noqa: E402
+from medseg.interactive.session import ClickSession, FallbackEngine, GuidedEngine, seed_pack_of, window_around  # noqa: E402
 from medseg.io.images import describe_array  # noqa: E402
 from medseg.metrics import iou  # noqa: E402
 from medseg.train.datasets import evenly, read_case_image, read_mask  # noqa: E402
@@ -85,14 +87,17 @@ def run_task(recipe_name, split, auto_id, click_id, one_per_image, n_images, max
             continue
         labels = Predictor(auto).predict(image, rgb=rgb, mpp=case.mpp).labels
         fallback = ClickSession(image, auto, mpp=case.mpp, rgb=rgb, bf16=bf16)
-        interactive = ClickSession(image, guided, mpp=case.mpp, rgb=rgb, bf16=bf16) if guided is not None else None
+        interactive = ClickSession(image, guided, mpp=case.mpp, rgb=rgb, bf16=bf16, seed=False) if guided is not None else None
+        seeded = ClickSession(image, guided, mpp=case.mpp, rgb=rgb, bf16=bf16) if guided is not None and seed_pack_of(guided) is not None else None
         for name, obj in objects:
             value = next(v for v, n in names.items() if n == name)
-            r = runs.setdefault(name, {"auto": [], "fallback": [], "interactive": []})
+            r = runs.setdefault(name, {"auto": [], "fallback": [], "interactive": [], "seeded": []})
             r["auto"].append(automatic_iou(labels, value, obj))
             r["fallback"].append(click_run(fallback, obj, name, max_clicks=max_clicks))
             if interactive is not None:
                 r["interactive"].append(click_run(interactive, obj, name, max_clicks=max_clicks))
+            if seeded is not None:
+                r["seeded"].append(click_run(seeded, obj, name, max_clicks=max_clicks))
     return len(cases), runs, guided is not None
 
 
@@ -168,7 +173,8 @@ def main() -> None:
             auto_mean = float(np.mean(r["auto"]))
             rows.append({"object": name, "data": f"{recipe_name} {split}, {n_cases} images", "objects": len(r["auto"]), "method": f"automatic pack alone ({auto_id})",
                          "IoU@1": f"{auto_mean:.3f} (0 clicks)", "NoC@90 target": f"≤ {TARGETS[name]}"})
-            for method, label in (("fallback", f"click fallback ({auto_id})"), ("interactive", f"interactive pack ({click_id})")):
+            for method, label in (("fallback", f"click fallback ({auto_id})"), ("interactive", f"interactive pack ({click_id}), network alone"),
+                                  ("seeded", f"interactive pack ({click_id}), first click from {auto_id} (default)")):
                 if not r[method]:
                     continue
                 s = summarise_runs(r[method], args.max_clicks)

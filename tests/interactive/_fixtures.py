@@ -35,3 +35,18 @@ class BrightNet(nn.Module):
 
 def bright_pack() -> Pack:
     return Pack("bright", BrightNet().eval(), "unet", "small", 1, default_classes(2, ["background", "blob"]), tile=64)
+
+
+class EchoNet(nn.Module):
+    """A click-guided "network" that answers its previous-mask channel (image, +, -, previous)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 8.0 * (x[:, 3:4] - 0.5)
+        return torch.cat([-s, s], dim=1)
+
+
+def echo_pack(manifest: dict | None = None) -> Pack:
+    from medseg.interactive.clicks import DISKS as ENCODING
+
+    return Pack("echo-click", EchoNet().eval(), "unet", "small", 1, default_classes(2, ["background", "object"]), tile=64,
+                interactive=True, manifest={"kind": "interactive", "click_encoding": ENCODING, **(manifest or {})})

@@ -198,3 +198,33 @@ def test_the_shipped_interactive_pack_is_listed_apart_and_refused_by_the_automat
     rgb = np.repeat(image[..., None], 3, axis=-1)
     step = ClickSession(rgb, pack, bf16=True).add(Click(40, 40))
     assert step.ran_network and step.mask.shape == image.shape
+
+
+def test_the_first_click_of_an_interactive_pack_starts_from_its_automatic_pack(tmp_path, monkeypatch):
+    """Seeded, the network gets the automatic pack's object under the first click as its previous mask
+    (a network that answers its previous mask then returns that object); unseeded it returns nothing."""
+    from medseg.interactive.session import GuidedEngine, seed_pack_of
+    from medseg.io.images import describe_array
+    from tests.interactive._fixtures import echo_pack
+
+    image, ids = disk_image()
+    data = describe_array(image)
+    click = Click(100, 40)  # inside disk 2
+    seeded = GuidedEngine(echo_pack(), data, None, seed=bright_pack()).step(np.zeros(image.shape, bool), [click])
+    assert iou(seeded.mask, ids == 2) > 0.95 and not (seeded.mask & (ids != 2)).any()
+    assert "started from bright's object" in seeded.note
+    alone = GuidedEngine(echo_pack(), data, None).step(np.zeros(image.shape, bool), [click])
+    assert not alone.mask.any() and "sees no object" in alone.note  # the network alone sees only the click: nothing
+    # later clicks are the network's: a negative click is not re-seeded
+    later = GuidedEngine(echo_pack(), data, None, seed=bright_pack()).step(seeded.mask, [click, Click(40, 40, positive=False)])
+    assert iou(later.mask, ids == 2) > 0.95
+    # the session seeds when the manifest asks for it and the automatic pack it names is installed
+    asks = {"seed_first_click": True}
+    assert seed_pack_of(echo_pack()) is None and seed_pack_of(echo_pack({"automatic_pack": "no-such-pack", **asks})) is None
+    assert seed_pack_of(echo_pack({"automatic_pack": "ultrasound-fhps"})) is None  # not asked
+    monkeypatch.setenv("MEDSEG_MODELS", str(tmp_path))
+    _interactive_pack(tmp_path)  # an interactive pack is never a seed
+    assert seed_pack_of(echo_pack({"automatic_pack": "toy-click", **asks})) is None
+    assert seed_pack_of(echo_pack({"automatic_pack": "ultrasound-fhps", **asks})).id == "ultrasound-fhps"
+    assert ClickSession(image, echo_pack({"automatic_pack": "ultrasound-fhps", **asks})).engine.seed is not None
+    assert ClickSession(image, echo_pack({"automatic_pack": "ultrasound-fhps", **asks}), seed=False).engine.seed is None

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, help="pixel size of the image in µm (default: from the file when it says)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or mps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU (about twice as fast)")
+    p.add_argument("--no-seed", action="store_true",
+                   help="interactive pack: let the network alone answer the first click (default: start from its automatic pack's object when installed)")
     p.set_defaults(run=run)
 
 
@@ -54,7 +56,7 @@ def run(args) -> int:
         raise UsageError(f"'{out.name}' is not a mask file name: end it in .png or .tif.")
     image = read_image(args.image)
     pack = resolve(args.model)
-    mask = segment_clicks(image, pack, clicks, box=box, mpp=args.mpp, device=args.device, bf16=args.bf16)
+    mask = segment_clicks(image, pack, clicks, box=box, mpp=args.mpp, device=args.device, bf16=args.bf16, seed=not args.no_seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_labels(out, np.ascontiguousarray(mask, dtype=np.uint8))
     kind = "interactive pack" if pack.interactive else "automatic pack (click fallback)"

@@ -2,7 +2,11 @@
 
 - With an **interactive pack** (manifest ``"interactive": true``), every click runs the click-guided
   network on a window around the object (image + positive/negative click disks + previous mask, at
-  the pack's pixel size) and the new mask replaces the old one inside that window.
+  the pack's pixel size) and the new mask replaces the old one inside that window. When the pack's
+  manifest asks for it (``"seed_first_click": true``, set where it helped on validation) and the
+  automatic pack it was trained from (``"automatic_pack"``) is installed, the first click starts from
+  the automatic pack's object under it (the fallback below), which the click-guided network then
+  refines as its previous mask (``seed=False`` turns this off).
 - With an **automatic pack** (the fallback), a positive click runs the pack on a window around the
   click with the same :class:`~medseg.engine.Predictor` users run, and adds the connected object under
   the click (of the class under the click), or, when the pack sees no object there but the object
@@ -272,9 +276,13 @@ class FallbackEngine:
 
 
 class GuidedEngine:
-    """Clicks with an interactive pack: the click-guided network on a window around the object."""
+    """Clicks with an interactive pack: the click-guided network on a window around the object.
 
-    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu", bf16: bool = False) -> None:
+    With ``seed`` (an automatic pack), a first positive click starts from the automatic pack's object
+    under it (:class:`FallbackEngine`), given to the network as the previous mask.
+    """
+
+    def __init__(self, pack: Pack, data: ImageData, mpp: float | None, device: str = "cpu", bf16: bool = False, seed: Pack | None = None) -> None:
         if not pack.interactive:
             raise UsageError(f"Pack '{pack.id}' is not interactive: use the fallback for automatic packs.")
         self.pack, self.data = pack, data
@@ -290,6 +298,7 @@ class GuidedEngine:
         self.channels = adapt_channels(data.array, data.rgb, pack.in_channels, f"'{data.name}'")
         self.stats = pack.normaliser.frame_stats(self.channels)
         self.box_limit: Box | None = None
+        self.seed = FallbackEngine(seed, data, mpp, device, bf16) if seed is not None else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -329,6 +338,10 @@ class GuidedEngine:
         return resample_image(prob, win.shape) if self.factor != 1.0 else prob
 
     def step(self, mask: np.ndarray, clicks: Sequence[Click], removed: np.ndarray | None = None) -> Step:
+        seeded = ""
+        if self.seed is not None and len(clicks) == 1 and clicks[0].positive and not mask.any() and self.box_limit is None:
+            mask = self.seed.step(mask, clicks).mask  # the automatic pack's object: the network's previous mask
+            seeded = f"started from {self.seed.pack.id}'s object under the click" if mask.any() else ""
         win = self.window(mask, clicks)
         pred = self.probability(win, clicks, mask) > 0.5
         pred = self._keep_clicked(pred, [c for c in clicks if win.y0 <= c.row < win.y1 and win.x0 <= c.col < win.x1], win)
@@ -336,7 +349,7 @@ class GuidedEngine:
         out[win.slices] = pred
         if self.box_limit is not None:
             out &= _box_mask(self.box_limit, self.shape)
-        note = "" if out.any() else "the network sees no object at the clicks; click closer to the object's centre or draw a box"
+        note = seeded if out.any() else "the network sees no object at the clicks; click closer to the object's centre or draw a box"
         return Step(out, clicks[-1], note, ran_network=True)
 
     @staticmethod
@@ -357,6 +370,23 @@ class GuidedEngine:
         step = self.step(np.zeros(self.shape, bool), [centre])
         step.click = box
         return step
+
+
+def seed_pack_of(pack: Pack) -> Pack | None:
+    """The automatic pack that answers an interactive pack's first click: the one its manifest names
+    (``"automatic_pack"``) when the manifest asks for seeding (``"seed_first_click": true``) and that
+    pack is installed; else ``None``."""
+    from medseg.errors import MedsegError
+    from medseg.train.packs import resolve
+
+    name = pack.manifest.get("automatic_pack")
+    if not name or not pack.manifest.get("seed_first_click"):
+        return None
+    try:
+        auto = resolve(name)
+    except MedsegError:
+        return None
+    return None if auto.interactive else auto
 
 
 def _near_edge(mask: np.ndarray, click: Click, outside: bool) -> np.ndarray:
@@ -401,12 +431,16 @@ class ClickSession:
     rgb: bool | None = None
     device: str = "cpu"
     bf16: bool = False  # bf16 autocast on the CPU: faster clicks
+    seed: bool = True  # interactive pack: the first click starts from its automatic pack's object (when its manifest asks and it is installed)
     steps: list[Step] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data = _prepare(self.image, self.rgb)
-        engine = GuidedEngine if self.pack.interactive else FallbackEngine
-        self.engine: GuidedEngine | FallbackEngine = engine(self.pack, self.data, self.mpp, self.device, self.bf16)
+        if self.pack.interactive:
+            seed = seed_pack_of(self.pack) if self.seed else None
+            self.engine: GuidedEngine | FallbackEngine = GuidedEngine(self.pack, self.data, self.mpp, self.device, self.bf16, seed)
+        else:
+            self.engine = FallbackEngine(self.pack, self.data, self.mpp, self.device, self.bf16)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -473,9 +507,10 @@ def segment_clicks(
     rgb: bool | None = None,
     device: str = "cpu",
     bf16: bool = False,
+    seed: bool = True,
 ) -> np.ndarray:
     """The object from an image and all its clicks in order (and an optional box first): uint8 0/1, H x W."""
-    session = ClickSession(image, pack, mpp=mpp, rgb=rgb, device=device, bf16=bf16)
+    session = ClickSession(image, pack, mpp=mpp, rgb=rgb, device=device, bf16=bf16, seed=seed)
     check_clicks(clicks, session.shape)
     if box is not None:
         session.set_box(box)
@@ -484,4 +519,4 @@ def segment_clicks(
     return session.mask.astype(np.uint8)
 
 
-__all__ = ["ClickSession", "FallbackEngine", "GuidedEngine", "MARGIN", "Step", "WINDOW", "Window", "segment_clicks", "window_around"]
+__all__ = ["ClickSession", "FallbackEngine", "GuidedEngine", "seed_pack_of", "MARGIN", "Step", "WINDOW", "Window", "segment_clicks", "window_around"]

@@ -100,10 +100,22 @@ class InteractiveTrainer(_Trainer):
             raise UsageError(f"Pack '{name}' ({source.architecture}/{source.config}) shares no weights with this network: start from a pack of the same architecture.")
         return {"pack": source.id, "sha256": source.sha256, "loaded_tensors": len(loaded), "skipped_tensors": len(skipped)}
 
+    def automatic_pack(self) -> str | None:
+        """The automatic pack this chain of runs started from (the first click's seed for users)."""
+        if not hasattr(self, "_automatic"):
+            self._automatic = None
+            if self.cfg.init_from:
+                source = load_pack(self.cfg.init_from)
+                self._automatic = source.manifest.get("automatic_pack") if source.interactive else source.id
+        return self._automatic
+
     def live_pack(self, model: nn.Module, pack_id: str = "validation") -> Pack:
         r = self.recipe
         classes = [ClassInfo(0, "background", "#000000"), ClassInfo(1, "object", "#ffd700")]
-        return Pack(pack_id, model, self.cfg.arch, self.cfg.config, r.in_channels, classes, self.normaliser, "softmax", r.mpp, self.crop, r.overlap, interactive=True, manifest={"kind": "interactive", "click_encoding": self.encoding})
+        manifest = {"kind": "interactive", "click_encoding": self.encoding}
+        if pack_id != "validation" and self.automatic_pack():
+            manifest["automatic_pack"] = self.automatic_pack()
+        return Pack(pack_id, model, self.cfg.arch, self.cfg.config, r.in_channels, classes, self.normaliser, "softmax", r.mpp, self.crop, r.overlap, interactive=True, manifest=manifest)
 
     # ---------------------------------------------------------------- steps
     def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any, scheduler=None) -> float:
@@ -141,7 +153,7 @@ class InteractiveTrainer(_Trainer):
             image, rgb, objects = self.objects(case)
             if not objects:
                 continue
-            session = ClickSession(image, pack, mpp=case.mpp, rgb=rgb, device=str(self.device))
+            session = ClickSession(image, pack, mpp=case.mpp, rgb=rgb, device=str(self.device), seed=False)  # the network alone
             runs += [click_run(session, obj, name, max_clicks=max_clicks, min_clicks=min_clicks) for name, obj in objects]
         return runs
 
