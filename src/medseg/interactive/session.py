@@ -145,7 +145,7 @@ class FallbackEngine:
             with cpu_precision(predictor.device, self.bf16):
                 pred = predictor.predict(crop, rgb=self.data.rgb, mpp=self.image_mpp)
             probs = pred.probabilities
-            labels = probs.argmax(axis=0)
+            labels = _class_argmax(probs)
         self._cache[key] = (labels, probs)
         return labels, probs, True
 
@@ -387,6 +387,18 @@ def seed_pack_of(pack: Pack) -> Pack | None:
     except MedsegError:
         return None
     return None if auto.interactive else auto
+
+
+def _class_argmax(probs: np.ndarray) -> np.ndarray:
+    """``probs.argmax(axis=0)`` for (C, H, W) scores (first maximum on ties) in C passes over whole
+    planes: about twice as fast as numpy's reduction over a leading axis, on every fallback click."""
+    best = probs[0].copy()
+    labels = np.zeros(probs.shape[1:], np.int64)
+    for c in range(1, probs.shape[0]):
+        more = probs[c] > best
+        labels[more] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
 
 
 def _near_edge(mask: np.ndarray, click: Click, outside: bool) -> np.ndarray:
