@@ -207,7 +207,7 @@ class Predictor:
             result = yield from self._predict_stack(resampled, data, cancel)
             result.labels = np.stack([resample_labels(f, shape) for f in result.labels])
             if result.probabilities is not None:
-                result.probabilities = np.stack([np.stack([resample_image(c, shape) for c in f]) for f in result.probabilities])
+                result.probabilities = np.stack([resample_image(f.transpose(1, 2, 0), shape).transpose(2, 0, 1) for f in result.probabilities])
             result.info["resampled"] = {"factor": factor, "model_shape": tuple(resampled.shape[1:3]), "pack_mpp": self.pack.mpp}
         if not data.is_stack:
             result.labels = result.labels[0]
