@@ -46,6 +46,8 @@ from medseg.train.packs import Pack, load_pack, save_pack
 from medseg.train.recipes import Recipe, get_recipe
 
 CHECKPOINT = "ckpt.pt"
+RETIME_SKIP = 5  # steps not timed when re-timing (loader start-up, first kernels)
+RETIME_MIN_S, RETIME_SHARE = 10.0, 0.04  # re-time after this much timed training (seconds, share of the budget)
 VAL_SHARE = 0.15  # at most this share of a --minutes budget goes to validation during training
 
 
@@ -329,16 +331,39 @@ class _Trainer:
         write_report(report, self.run_dir, "val_report")
         return report
 
-    def make_scheduler(self, total: int) -> None:
+    def make_scheduler(self, total: int, warmup_steps: int | None = None) -> None:
         self.total = int(total)
-        self.warmup_steps = max(1, int(round(self.cfg.warmup * self.total)))
+        self.warmup_steps = int(warmup_steps) if warmup_steps else max(1, int(round(self.cfg.warmup * self.total)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total, self.warmup_steps, self.cfg.min_lr_ratio))
+
+    def retime(self, step_s: float, deadline: float) -> int | None:
+        """A new step count for a ``--minutes`` run from the step time measured on the real batch stream.
+
+        The calibration times steps with batches made in the main process; with loader workers (or
+        alongside other work) the real rate differs, and a run cut at its deadline never finishes
+        its schedule. Called once, early: the schedule keeps its warm-up and stretches (or shrinks)
+        its cosine to the new count. Returns the new count, or None when it is within 5 %.
+        """
+        remaining = max(0.0, deadline - self.elapsed())
+        left = max(0.0, 1.0 - self.step / max(1, self.total))
+        val_s = left * self.n_val * len(self.val_quick) * getattr(self, "val_case_s", 0.0)
+        total = self.step + max(10, int(0.95 * (remaining - val_s) / max(step_s, 1e-6)))
+        if abs(total - self.total) <= 0.05 * self.total:
+            return None
+        self.scheduler.lr_lambdas = [warmup_cosine(total, self.warmup_steps, self.cfg.min_lr_ratio) for _ in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.retimed_from, self.total = self.total, total
+        return total
 
     def checkpoint(self) -> dict[str, Any]:
         return {
             "format": 1,
             "step": self.step,
             "total": self.total,
+            "warmup_steps": self.warmup_steps,
+            "retimed_from": getattr(self, "retimed_from", None),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -365,7 +390,9 @@ class _Trainer:
                 "resume with the same architecture or choose another --run."
             )
         self.model.load_state_dict(ckpt["model"])
-        self.make_scheduler(ckpt["total"])  # before the optimiser state: creating a scheduler resets the lr
+        self.make_scheduler(ckpt["total"], ckpt.get("warmup_steps"))  # before the optimiser state: creating a scheduler resets the lr
+        if ckpt.get("retimed_from"):
+            self.retimed_from = int(ckpt["retimed_from"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -450,7 +477,7 @@ class _Trainer:
         probe_cases = self.val_quick[:2]
         t = time.perf_counter()
         self.validate(model, probe_cases)
-        val_case_s = (time.perf_counter() - t) / max(1, len(probe_cases))
+        val_case_s = self.val_case_s = (time.perf_counter() - t) / max(1, len(probe_cases))
         torch.set_rng_state(rng_state)
         remaining = max(0.0, budget_s - self.elapsed())
         val_budget = VAL_SHARE * remaining
@@ -473,6 +500,7 @@ class _Trainer:
         self.build()
         self.step, self.best_score, self.best_step, self.best_state, self.history = 0, -1.0, 0, None, []
         yield Progress(0, 1, "preparing")
+        retime = False  # a --minutes run measures its real step time once, early, and fits its step count to it
         if cfg.resume and self.ckpt_path.exists():
             self.restore(torch.load(self.ckpt_path, map_location="cpu", weights_only=False))
         else:
@@ -484,6 +512,7 @@ class _Trainer:
                 yield Progress(0, 1, "timing a few steps")
                 total, self.n_val, n_cases = self.calibrate(cfg.minutes * 60.0)
                 self.val_quick = evenly(self.val_quick, n_cases)
+                retime = True
             else:
                 raise UsageError("Say how long to train: give --steps, --epochs or --minutes.")
             self.make_scheduler(total)
@@ -500,6 +529,8 @@ class _Trainer:
         stream = _batch_stream(self.samples, self.batch_size, self.step, total, self.workers, self.device.type == "cuda")
         t_train = time.perf_counter()
         steps_this_session = 0
+        timed_s, timed_n = 0.0, 0
+        retime_after_s = max(RETIME_MIN_S, RETIME_SHARE * deadline) if retime else math.inf
         try:
             while self.step < total:
                 if cancel is not None and cancel.cancelled:
@@ -508,10 +539,23 @@ class _Trainer:
                     raise Cancelled(f"Training cancelled at step {self.step} of {total}; checkpoint saved in '{self.run_dir}': continue with --resume.")
                 if self.elapsed() > deadline:
                     break
+                t_it = time.perf_counter()
                 x, y = next(stream)
                 losses.append(self.train_step(self.model, self.optimizer, x, y, self.scheduler))
                 self.step += 1
                 steps_this_session += 1
+                if steps_this_session > RETIME_SKIP:
+                    timed_s, timed_n = timed_s + time.perf_counter() - t_it, timed_n + 1
+                if timed_s >= retime_after_s and timed_n >= 20:
+                    retime_after_s = math.inf
+                    before = self.total
+                    if self.retime(timed_s / timed_n, deadline) is not None:
+                        total = self.total
+                        val_every = max(1, int(cfg.val_every or math.ceil(total / self.n_val)))
+                        ckpt_every = max(1, int(cfg.ckpt_every or val_every))
+                        stream.close()
+                        stream = _batch_stream(self.samples, self.batch_size, self.step, total, self.workers, self.device.type == "cuda")
+                        yield Progress(self.step, total, f"re-timed on the real batch stream: {before} -> {total} steps")
                 if not math.isfinite(losses[-1]):
                     raise UsageError(f"The loss became {losses[-1]} at step {self.step}: lower --lr (now {cfg.lr}) or check the data.")
                 if self.step % val_every == 0 or self.step == total:
@@ -571,6 +615,7 @@ class _Trainer:
             "augmentation": self.augment_config.to_dict() if cfg.augment else None,
             "seed": cfg.seed,
             "best_step": self.best_step,
+            **({"steps_calibrated": self.retimed_from} if getattr(self, "retimed_from", None) else {}),
             "best_val_dice_quick": round(self.best_score, 4),
             "seconds": round(self.elapsed(), 1),
             "steps_per_minute": round(60.0 * self.step / train_s, 2),
