@@ -164,3 +164,40 @@ def test_augment_overrides_replace_fields_of_the_recipe_augmentation(tmp_path, p
     assert _Trainer(_tiny(tmp_path, psfhs_root, steps=1, augment=False, augment_overrides={"contrast": 0.5})).augmentation().contrast == 0.0
     with pytest.raises(UsageError, match="Unknown augmentation field"):
         _Trainer(_tiny(tmp_path, psfhs_root, steps=1, augment_overrides={"colour": 1}))
+
+
+def test_retime_stretches_the_cosine_keeps_the_warm_up_and_survives_a_checkpoint(tmp_path, psfhs_root):
+    from medseg.train.loop import _Trainer
+
+    def trainer():
+        t = _Trainer(_tiny(tmp_path, psfhs_root, minutes=1, run="retime"))
+        t.build()
+        t.make_scheduler(100)
+        t.n_val, t.val_quick, t.val_case_s = 10, [], 0.0
+        t.step, t.best_score, t.best_step, t.best_state, t.history = 0, -1.0, 0, None, []
+        t.t0, t.elapsed_before, t.train_seconds = 0.0, 0.0, 0.0
+        return t
+
+    t = trainer()
+    for _ in range(20):
+        t.optimizer.step()
+        t.scheduler.step()
+    t.step = 20
+    t.elapsed = lambda: 10.0
+    assert t.retime(step_s=0.1, deadline=40.0) == 20 + int(0.95 * 30.0 / 0.1)  # 30 s left at 0.1 s a step
+    assert t.total == 305 and t.retimed_from == 100 and t.warmup_steps == 5
+    curve = warmup_cosine(305, 5, t.cfg.min_lr_ratio)
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.lr * curve(20))
+    t.optimizer.step()
+    t.scheduler.step()
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.lr * curve(21))
+    assert t.retime(step_s=0.1, deadline=40.0) is None  # within 5 %: unchanged
+
+    ckpt = t.checkpoint()
+    assert ckpt["total"] == 305 and ckpt["warmup_steps"] == 5 and ckpt["retimed_from"] == 100
+    again = trainer()
+    again.restore(ckpt)
+    assert again.total == 305 and again.warmup_steps == 5 and again.retimed_from == 100
+    again.optimizer.step()
+    again.scheduler.step()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.lr * curve(22))
