@@ -30,7 +30,7 @@ def test_keyframes_pack_names_the_features_it_was_trained_on():
     assert m["architecture"] == "fulltransnet" and m["weights"]["dtype"] == "float16" and m["kind"] == "sequence"
     assert "ultrasound-keyframes" not in available_packs() and "ultrasound-keyframes" in available_packs("sequence")
     assert m["features_from"]["pack"] == seg.id and m["features_from"]["sha256"] == seg.sha256
-    assert pack.model.in_features == pack.in_channels == 480
+    assert pack.model.in_features == pack.in_channels == sum(seg.manifest["overrides"]["dims"])  # one pooled feature per channel of each encoder stage
     assert m["training"]["command"].startswith("python -m medseg.train.keyframes train")
     assert m["validation"]["fulltransnet"]["f_measure"] > m["validation"]["random"]["f_measure"]
 
