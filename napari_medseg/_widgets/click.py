@@ -43,7 +43,7 @@ CLICK_SLACK = 3.0  # image pixels a press may move before it counts as a drag
 class ClickRequest:
     """One click (or box) and what is needed to build the session if there is none yet."""
 
-    action: Click | Box
+    action: Click | Box | None  # None: build the session and prepare the first click (ClickSession.prepare)
     session: ClickSession | None
     data: Any
     rgb: bool
@@ -55,8 +55,9 @@ class ClickRequest:
 
 
 @refusing
-def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Generator[Progress, None, tuple[ClickSession, Step]]:
-    """Apply a click (or box) to the session, building it first when needed; returns (session, step)."""
+def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Generator[Progress, None, tuple[ClickSession, Step | None]]:
+    """Apply a click (or box) to the session, building it first when needed; returns (session, step).
+    Without an action, build the session and prepare its first click; returns (session, None)."""
     session = request.session
     if session is None:
         yield Progress(0, 0, f"loading {request.pack_id}")
@@ -65,8 +66,12 @@ def click_job(request: ClickRequest, cancel: CancelToken | None = None) -> Gener
             y0, x0, h, w = request.region
             data = data[y0 : y0 + h, x0 : x0 + w]
         session = ClickSession(np.asarray(data), resolve(request.pack_id), mpp=request.mpp, rgb=request.rgb, device=request.device, bf16=request.bf16)
-    yield Progress(0, 0, "segmenting")
     action = request.action
+    if action is None:
+        yield Progress(0, 0, "preparing the first click")
+        session.prepare()
+        return session, None
+    yield Progress(0, 0, "segmenting")
     step = session.set_box(action) if isinstance(action, Box) else session.add(action)
     return session, step
 
@@ -174,6 +179,8 @@ class ClickWidget(JobDock, Container):
         self.active = True
         self.start_button.text = "Stop clicking"
         self.jobs.report("click on an object (Shift/Ctrl/right click: outside it)")
+        if not layer.multiscale and not self.jobs.running:
+            self._submit(None)  # build the session and run what the first click needs now, off the GUI thread
         return True
 
     def stop(self) -> None:
@@ -262,9 +269,10 @@ class ClickWidget(JobDock, Container):
         layer.face_color = np.asarray(colours + [_rgba(POSITIVE_COLOUR if click.positive else NEGATIVE_COLOUR)])
 
     # ------------------------------------------------------------------ jobs
-    def _submit(self, action: Click | Box):
+    def _submit(self, action: Click | Box | None):
         if self.jobs.running:
-            self._pending.append(action)
+            if action is not None:
+                self._pending.append(action)
             return None
         layer = self.image.value
         frame = self.frame()
@@ -297,8 +305,11 @@ class ClickWidget(JobDock, Container):
         except MedsegError:
             return None
 
-    def _on_result(self, outcome: tuple[ClickSession, Step]) -> None:
+    def _on_result(self, outcome: tuple[ClickSession, Step | None]) -> None:
         self.session, step = outcome
+        if step is None:  # prepared: nothing clicked yet
+            self.jobs.report("ready: click on an object (Shift/Ctrl/right click: outside it)")
+            return
         self._show_current()
         note = f" ({step.note})" if step.note else ""
         self.jobs.report(f"{int(step.mask.sum())} pixels after {len(self.session.steps)} step(s), {1000 * step.seconds:.0f} ms{note}")

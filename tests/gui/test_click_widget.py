@@ -64,10 +64,14 @@ def test_two_scripted_clicks_become_a_committed_label(make_napari_viewer, qtbot,
     viewer, widget = open_dock(make_napari_viewer, image)
     assert "automatic" in widget.model_info.value
     assert widget.start() and widget._on_mouse in viewer.mouse_drag_callbacks
+    # starting builds the session and predicts the frame ahead, off the GUI thread: the first click runs no network
+    qtbot.waitUntil(lambda: not widget.running and widget.session is not None, timeout=60_000)
+    assert not widget.session.steps and "ready" in widget.jobs.last_message
 
     head, sym = labels == 2, labels == 1
     mouse_click(widget, viewer, *centre(head))
     qtbot.waitUntil(lambda: not widget.running and widget.session is not None and len(widget.session.steps) == 1, timeout=60_000)
+    assert not widget.session.steps[0].ran_network
     mouse_click(widget, viewer, *centre(sym), modifiers=("Shift",))  # negative, outside the head: removes nothing
     qtbot.waitUntil(lambda: not widget.running and len(widget.session.steps) == 2, timeout=60_000)
     clicks = viewer.layers["clicks"]

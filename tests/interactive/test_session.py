@@ -77,6 +77,30 @@ def test_the_window_prediction_is_cached_between_clicks():
     assert not session.add(Click(42, 41)).ran_network
 
 
+def test_prepare_predicts_the_one_window_ahead_so_the_first_click_runs_no_network():
+    image, ids = disk_image()  # smaller than a window: every click uses the whole image
+    session = ClickSession(image, bright_pack())
+    assert session.prepare() and not session.prepare()  # ran once, then cached
+    first = session.add(Click(40, 40))
+    assert not first.ran_network and first.mask[40, 40]
+    assert first.mask.tolist() == ClickSession(image, bright_pack()).add(Click(40, 40)).mask.tolist()  # the same object as unprepared
+    big = disk_image(shape=(1200, 1200))[0]  # larger than a window: which window depends on the click, nothing to do ahead
+    assert not ClickSession(big, bright_pack()).prepare()
+
+
+def test_prepare_runs_the_seed_of_a_seeded_interactive_pack_ahead():
+    from medseg.interactive.session import GuidedEngine
+    from medseg.io.images import describe_array
+    from tests.interactive._fixtures import echo_pack
+
+    image, ids = disk_image()
+    engine = GuidedEngine(echo_pack(), describe_array(image), None, seed=bright_pack())
+    assert engine.prepare() and len(engine.seed._cache) == 1
+    step = engine.step(np.zeros(image.shape, bool), [Click(100, 40)])
+    assert len(engine.seed._cache) == 1 and iou(step.mask, ids == 2) > 0.95  # the first click used the prepared window
+    assert not GuidedEngine(echo_pack(), describe_array(image), None).prepare()  # not seeded: nothing ahead
+
+
 def test_the_protocol_reaches_the_objects_with_the_fallback():
     image, ids = disk_image()
     session = ClickSession(image, bright_pack())

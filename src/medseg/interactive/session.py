@@ -152,6 +152,15 @@ class FallbackEngine:
     def _window_for(self, cy: float, cx: float, side_image: tuple[int, int]) -> Window:
         return window_around(cy, cx, side_image[0], side_image[1], self.shape, self.factor)
 
+    def prepare(self) -> bool:
+        """Predict ahead the one window every click will use when the whole image fits in it (nothing
+        otherwise), so that the first click costs no network run; True when the network ran."""
+        side = int(round(WINDOW / self.factor))
+        h, w = self.shape
+        if side < h or side < w:
+            return False
+        return self.predict(self._window_for(h / 2, w / 2, (side, side)))[2]
+
     def object_at(self, click: Click) -> tuple[np.ndarray, str, bool, bool]:
         """Full-size mask of the connected object under a positive click (empty with a note if none),
         the note, whether the network ran, and whether the pack itself labels the click as an object."""
@@ -303,6 +312,11 @@ class GuidedEngine:
     @property
     def shape(self) -> tuple[int, int]:
         return self.data.array.shape[:2]
+
+    def prepare(self) -> bool:
+        """Run ahead what the first click needs and can know before it: the automatic pack's window (see
+        :meth:`FallbackEngine.prepare`) when the first click is seeded; True when a network ran."""
+        return self.seed.prepare() if self.seed is not None else False
 
     def window(self, mask: np.ndarray, clicks: Sequence[Click]) -> Window:
         """A window over the object (its mask and clicks) with a margin, at least one training crop wide."""
@@ -473,6 +487,12 @@ class ClickSession:
     @property
     def interactive(self) -> bool:
         return isinstance(self.engine, GuidedEngine)
+
+    def prepare(self) -> bool:
+        """Do ahead, before any click, the work the first click would otherwise wait for (the automatic
+        pack's prediction of an image that fits one window); True when a network ran. Optional: a GUI
+        calls it off its thread when clicking starts."""
+        return self.engine.prepare()
 
     def add(self, click: Click) -> Step:
         check_clicks([click], self.shape)
