@@ -4,6 +4,8 @@
 #   *-medium  MSLAU-Net dims 48-96-192-384, depths 2-2-2-2 (4.4 M parameters), from scratch
 #   *-small   MSLAU-Net dims 32-64-128-256, depths 1-1-2-1 (1.3 M parameters, the shipped size)
 #   *-click   the click-guided pack, continued from the shipped one
+# (polyp-small continues the installed colon-polyp pack: 1.x, of the small size, when RESULTS.md's runs were
+# made; from a pack of another size only the tensors of matching shape are copied.)
 # Small networks leave most of a large GPU idle, so the six runs share it (and its CPU cores for the
 # data loaders and the click simulation). A run that fails in its first minutes is started once more
 # without mixed precision and without loader workers.
