@@ -9,12 +9,9 @@ import pytest
 
 from medseg.cli import main
 from medseg.io import read_image, read_labels
+from medseg.models import count_parameters
 from medseg.train.packs import load_pack
 from tests.conftest import data_dir
-
-
-def _shipped_params_m() -> float:
-    return sum(p.numel() for p in load_pack("ultrasound-fhps").model.parameters()) / 1e6
 
 FRAMES = ("04400", "04510")
 
@@ -56,7 +53,7 @@ def test_compare_three_models_with_reference(frames, saved_pack, tmp_path, capsy
     assert float(shipped["Dice fetal head"]) > 0.8 and float(shipped["Dice pubic symphysis"]) > 0.6
     assert shipped["Dice fetal head"] == table["again"]["Dice fetal head"]
     assert float(table["test-unet"]["mean Dice"]) < float(shipped["mean Dice"])  # untrained
-    assert float(shipped["params (M)"]) == pytest.approx(_shipped_params_m(), abs=0.01) and float(shipped["seconds"]) > 0
+    assert float(shipped["params (M)"]) == pytest.approx(count_parameters(load_pack("ultrasound-fhps").model) / 1e6, abs=0.01) and float(shipped["seconds"]) > 0
     assert shipped["abs. ΔAoP °"] != ""
     with open(out / "pairwise.csv", encoding="utf-8") as fh:
         pairs = {r["model"]: r for r in csv.DictReader(fh)}
