@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from medseg.errors import InputError, UsageError
-from medseg.interactive.clicks import Click, check_clicks, check_image, encode, next_click, parse_points, random_inside
+from scipy import ndimage
+
+from medseg.interactive.clicks import Click, _border_distance, check_clicks, check_image, encode, interior_point, next_click, parse_points, random_inside
 
 
 def test_points_parse_in_order_with_signs():
@@ -57,3 +59,35 @@ def test_random_first_clicks_lie_far_inside_the_object():
     for _ in range(20):
         c = random_inside(target, rng)
         assert c.positive and 14 <= c.x <= 35 and 14 <= c.y <= 35
+
+
+def test_border_distance_on_the_bounding_box_equals_the_whole_image_transform():
+    """The click simulation measures distances on a region's box only; the values must be the whole image's,
+    for regions inside the image and touching its edges alike."""
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(5, 90, 2))
+        region = ndimage.binary_opening(rng.random((h, w)) < rng.uniform(0.4, 0.9), iterations=int(rng.integers(0, 3)))
+        if trial % 4 == 0:  # a block against the bottom-left corner
+            region = np.zeros((h, w), bool)
+            region[int(rng.integers(0, h)) :, : int(rng.integers(1, w + 1))] = True
+        if not region.any():
+            continue
+        whole = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        box, r0, c0 = _border_distance(region)
+        rows, cols = np.nonzero(region)
+        assert r0 == rows.min() and c0 == cols.min()
+        np.testing.assert_array_equal(box, whole[r0 : r0 + box.shape[0], c0 : c0 + box.shape[1]])
+        assert np.count_nonzero(whole) == np.count_nonzero(box)  # nothing non-zero outside the box
+        r, c, d = interior_point(region)
+        assert region[r, c] and d == whole.max()
+
+
+def test_encoding_into_a_given_array_matches_a_fresh_one():
+    clicks = [Click(3, 4, True), Click(20, 9, False), Click(39, 39, True)]
+    prev = np.eye(40, dtype=bool)
+    out = np.full((3, 40, 40), 9.0, np.float32)  # stale values must not survive
+    encode(clicks, prev, (40, 40), 3, out=out)
+    np.testing.assert_array_equal(out, encode(clicks, prev, (40, 40), 3))
+    encode(clicks, None, (40, 40), 3, out=out)
+    assert out[2].sum() == 0

@@ -94,9 +94,12 @@ def check_image(image: np.ndarray, name: str = "the image") -> None:
 
 
 # --------------------------------------------------------------------------- encoding
-def disk_map(clicks: Sequence[Click], shape: tuple[int, int], radius: float) -> np.ndarray:
-    """Float32 map with 1 inside a disk of ``radius`` around each click (clicks outside are ignored)."""
-    out = np.zeros(shape, np.float32)
+def disk_map(clicks: Sequence[Click], shape: tuple[int, int], radius: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Float32 map with 1 inside a disk of ``radius`` around each click (clicks outside are ignored).
+
+    ``out``: a zeroed (H, W) array to draw into instead of a new one (only the disks are written).
+    """
+    out = np.zeros(shape, np.float32) if out is None else out
     r = int(np.ceil(radius))
     for c in clicks:
         y0, y1 = max(0, c.row - r), min(shape[0], c.row + r + 1)
@@ -108,19 +111,45 @@ def disk_map(clicks: Sequence[Click], shape: tuple[int, int], radius: float) -> 
     return out
 
 
-def encode(clicks: Sequence[Click], previous: np.ndarray | None, shape: tuple[int, int], radius: float = DISKS["radius"]) -> np.ndarray:
-    """Guidance channels (3, H, W): positive disks, negative disks, previous mask."""
-    prev = np.zeros(shape, np.float32) if previous is None else previous.astype(np.float32, copy=False)
-    return np.stack([disk_map([c for c in clicks if c.positive], shape, radius), disk_map([c for c in clicks if not c.positive], shape, radius), prev])
+def encode(
+    clicks: Sequence[Click], previous: np.ndarray | None, shape: tuple[int, int], radius: float = DISKS["radius"], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Guidance channels (3, H, W): positive disks, negative disks, previous mask.
+
+    ``out``: a (3, H, W) float32 array to fill instead of a new one (e.g. a slice of a batch).
+    """
+    out = np.empty((3, *shape), np.float32) if out is None else out
+    out[:2] = 0.0
+    disk_map([c for c in clicks if c.positive], shape, radius, out[0])
+    disk_map([c for c in clicks if not c.positive], shape, radius, out[1])
+    if previous is None:
+        out[2] = 0.0
+    else:
+        out[2] = previous
+    return out
 
 
 # --------------------------------------------------------------------------- simulation
+def _border_distance(region: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Distance to the border of ``region`` (the image edge counts as border), computed on the region's
+    bounding box only: returns (distances over the box, box row, box column).
+
+    Exactly the whole-image transform's values: the ring of pixels around the box is outside the region,
+    and for any outside pixel beyond it, the ring pixel it clamps to is at least as near.
+    """
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    dist = ndimage.distance_transform_edt(np.pad(region[r0:r1, c0:c1], 1))[1:-1, 1:-1]
+    return dist, int(r0), int(c0)
+
+
 def interior_point(region: np.ndarray) -> tuple[int, int, float]:
     """(row, col, distance) of the point of ``region`` farthest from its border (the image edge counts as border)."""
-    dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    dist, r0, c0 = _border_distance(region)
     rows, cols = np.nonzero(dist >= dist.max() - 1e-6)  # a ridge for elongated regions: take its middle
     i = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
-    return int(rows[i]), int(cols[i]), float(dist[rows[i], cols[i]])
+    return int(rows[i]) + r0, int(cols[i]) + c0, float(dist[rows[i], cols[i]])
 
 
 def next_click(target: np.ndarray, prediction: np.ndarray) -> Click | None:
@@ -138,7 +167,10 @@ def next_click(target: np.ndarray, prediction: np.ndarray) -> Click | None:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         k = int(np.argmax(sizes))
         if best is None or sizes[k] > best[0]:
-            best = (int(sizes[k]), labels == k + 1, positive)
+            box = ndimage.find_objects(labels, max_label=k + 1)[k]  # the component's box: the distance transform needs no more
+            region = np.zeros(error.shape, bool)
+            region[box] = labels[box] == k + 1
+            best = (int(sizes[k]), region, positive)
     if best is None:
         return None
     r, c, _ = interior_point(best[1])
@@ -153,10 +185,10 @@ def random_inside(target: np.ndarray, rng: np.random.Generator, far: float = 0.5
     """
     if not target.any():
         return None
-    dist = ndimage.distance_transform_edt(np.pad(target.astype(bool), 1))[1:-1, 1:-1]
+    dist, r0, c0 = _border_distance(target.astype(bool))
     rows, cols = np.nonzero(dist >= far * dist.max())
     i = int(rng.integers(len(rows)))
-    return Click(float(cols[i]), float(rows[i]), True)
+    return Click(float(cols[i] + c0), float(rows[i] + r0), True)
 
 
 def component_at(mask: np.ndarray, row: int, col: int) -> np.ndarray:

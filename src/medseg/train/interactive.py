@@ -66,9 +66,13 @@ def pick_object(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def guided_batch(x: np.ndarray, clicks: Sequence[Sequence[Click]], previous: np.ndarray, radius: float) -> torch.Tensor:
     """Image batch (B, C, h, w) + guidance -> network input (B, C + 3, h, w)."""
-    shape = x.shape[-2:]
-    guide = np.stack([encode(c, p, shape, radius) for c, p in zip(clicks, previous)])
-    return torch.from_numpy(np.concatenate([np.asarray(x, np.float32), guide], axis=1))
+    x = np.asarray(x, np.float32)
+    b, ch, h, w = x.shape
+    out = np.empty((b, ch + 3, h, w), np.float32)
+    out[:, :ch] = x
+    for i, (c, p) in enumerate(zip(clicks, previous)):
+        encode(c, p, (h, w), radius, out=out[i, ch:])
+    return torch.from_numpy(out)
 
 
 class InteractiveTrainer(_Trainer):
