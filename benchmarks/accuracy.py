@@ -154,15 +154,29 @@ def lineage(manifest: dict[str, Any], runs_root: Path) -> tuple[list[dict[str, A
 
 
 def training_cells(manifest: dict[str, Any], runs_root: Path) -> dict[str, str]:
-    """Steps, minutes and exact commands of every training stage (a fine-tuned pack lists its start too)."""
+    """Steps, minutes and exact commands of every training stage (a fine-tuned pack lists its start too;
+    a pack written by ``medseg average`` lists the stages of the first pack it averaged, the other packs'
+    runs in brackets, then the averaging command)."""
     chain, notes = lineage(manifest, runs_root)
     ts = [m.get("training", {}) for m in chain]
-    several = len(chain) > 1
-    commands = [f"{i + 1}. `{m['command']}`" if several else f"`{m['command']}`" for i, m in enumerate(chain) if m.get("command")]
+    commands = [m.get("command") for m in chain]
+    steps = [str(t.get("steps", "?")) for t in ts]
+    minutes = [f"{t['seconds'] / 60:.1f}" if "seconds" in t else "?" for t in ts]
+    averaged = manifest.get("averaged_from") or []
+    if averaged:  # the last manifest of the chain is the average: its training record is the first pack's
+        commands = commands[:-1] + [averaged[0].get("command")]
+        for parent in averaged[1:]:
+            commands.append(parent.get("command"))
+            steps.append(f"({parent.get('steps', '?')})")
+            minutes.append(f"({parent['seconds'] / 60:.1f})" if parent.get("seconds") else "(?)")
+        commands.append(manifest.get("command"))
+    commands = [f"`{c}`" for c in commands if c]
+    if len(commands) > 1:
+        commands = [f"{i + 1}. {c}" for i, c in enumerate(commands)]
     return {
-        "steps": " + ".join(str(t.get("steps", "?")) for t in ts),
+        "steps": " + ".join(steps),
         "best step": str(ts[-1].get("best_step", "—")),
-        "minutes": " + ".join(f"{t['seconds'] / 60:.1f}" if "seconds" in t else "?" for t in ts),
+        "minutes": " + ".join(minutes),
         "threads": str(ts[-1].get("threads", "—")),
         "command": ("<br>".join(commands) or "(not recorded)") + ("" if not notes else " (" + "; ".join(notes) + ")"),
     }

@@ -603,6 +603,7 @@ FEATURE_COMMANDS = (
     "medseg.annotate.cli:add_finetune_parser",
     "medseg.multiseq:add_parser",
     "medseg.pretrain.cli:add_parser",
+    "medseg.train.average:add_parser",
 )
 
 

@@ -91,7 +91,12 @@ def test_manifest_records_what_the_issue_names(pack_id):
     # training data, split and the exact command
     t = m["training"]
     assert t["dataset"] == recipe.name and t["split_rule"] and t["train_cases"] > 0 and t["val_cases"] > 0
-    assert m["command"].startswith("medseg train") and f"--dataset {recipe.name}" in m["command"]
+    if m.get("averaged_from"):  # written by 'medseg average' from packs that were each trained on the dataset
+        assert m["command"].startswith("medseg average") and len(m["averaged_from"]) >= 2
+        assert sum(a["weight"] for a in m["averaged_from"]) == pytest.approx(1.0)
+        assert all(a["command"].startswith("medseg train") and f"--dataset {recipe.name}" in a["command"] and a["sha256"] for a in m["averaged_from"])
+    else:
+        assert m["command"].startswith("medseg train") and f"--dataset {recipe.name}" in m["command"]
     # validation metrics on the validation split
     metrics = m["metrics"]
     assert metrics["split"] == "val" and metrics["n_cases"] > 0
