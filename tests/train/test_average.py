@@ -104,3 +104,22 @@ def test_validate_scores_the_average_on_its_training_recipes_validation_split(tm
     assert metrics["split"] == "val" and metrics["n_cases"] > 100
     assert set(metrics["dice"]) == {"class 1", "class 2", "all"} and "aop_error_deg" in metrics
     assert json.loads(capsys.readouterr().out)["n_cases"] == metrics["n_cases"]
+
+
+def test_validate_scores_the_written_fp16_weights(tmp_path, monkeypatch):
+    """--validate must measure what the pack holds (fp16), not the float32 mean it was rounded from."""
+    import medseg.train.average as average
+
+    a, b = _pack(tmp_path, "a", 1), _pack(tmp_path, "b", 2)
+    seen = {}
+
+    def fake_validate(pack, data_root=None):
+        seen.update({k: v.clone() for k, v in pack.model.state_dict().items()})
+        return {"split": "val"}
+        yield
+
+    monkeypatch.setattr(average, "validate_iter", fake_validate)
+    out = tmp_path / "soup"
+    assert main(["average", str(a), str(b), "--weights", "0.37,0.63", "-o", str(out), "--validate"]) == 0
+    written = load_pack(out).model.state_dict()
+    assert seen and all(torch.equal(seen[k], written[k]) for k in written)

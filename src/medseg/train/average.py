@@ -172,8 +172,10 @@ def run(args) -> int:
     extra: dict[str, Any] = {"command": _command(args), "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if args.version:
         extra["version"] = args.version
-    if args.validate:
+    if args.validate:  # score the weights as they will be written (fp16), not the float32 mean
         from medseg.cli import drive
+
+        pack.model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in pack.model.state_dict().items()})
 
         extra["metrics"] = drive(validate_iter(pack, args.data_root), desc=f"validate {pack.id}", unit="image")
     out = save_pack(pack, args.output, dtype=torch.float16, extra=extra)
