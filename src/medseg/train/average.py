@@ -176,7 +176,6 @@ def run(args) -> int:
         from medseg.cli import drive
 
         pack.model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in pack.model.state_dict().items()})
-
         extra["metrics"] = drive(validate_iter(pack, args.data_root), desc=f"validate {pack.id}", unit="image")
     out = save_pack(pack, args.output, dtype=torch.float16, extra=extra)
     share = ", ".join(f"{a['given_as'] or a['pack']} {a['weight']:g}" for a in pack.manifest["averaged_from"])
