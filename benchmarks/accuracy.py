@@ -192,6 +192,8 @@ def run_dir_of(manifest: dict[str, Any], runs_root: Path) -> Path | None:
 # --------------------------------------------------------------------------- (e) fp16 cost
 def fp32_twin(pack: Pack, run_dir: Path | None) -> tuple[Pack | None, str]:
     """The pack with the run's fp32 best weights, or None and why not."""
+    if pack.manifest.get("averaged_from"):
+        return None, "averaged pack (medseg average): no single run holds its fp32 weights; the float32 mean against its fp16 rounding is in 'Weight averaging'"
     ckpt_path = run_dir / "ckpt.pt" if run_dir else None
     if ckpt_path is None:
         return None, "no fp32 weights: the manifest names no training run; only the fp16 pack exists"
