@@ -51,12 +51,12 @@ def test_a_pack_averaged_with_itself_predicts_the_same(tmp_path):
 
 def test_packs_that_differ_in_more_than_weights_are_refused(tmp_path):
     a = _pack(tmp_path, "a", 1)
-    with pytest.raises(UsageError, match="their classes differs"):
+    with pytest.raises(UsageError, match="they differ in classes "):
         average_packs([a, _pack(tmp_path, "two-classes", 2, num_classes=2)])
     other = untrained_pack("mslaunet", in_channels=1, num_classes=3)
-    with pytest.raises(UsageError, match="their architecture differs"):
+    with pytest.raises(UsageError, match="they differ in architecture "):
         average_packs([load_pack(a), other])
-    with pytest.raises(UsageError, match="their pixel size differs"):
+    with pytest.raises(UsageError, match="they differ in pixel size "):
         average_packs([a, _pack(tmp_path, "mpp", 2, mpp=0.5)])
     with pytest.raises(UsageError, match="2 weights were given for 3 packs"):
         average_packs([a, a, a], [1, 2])

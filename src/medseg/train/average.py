@@ -67,12 +67,12 @@ def check_averageable(packs: Sequence[Pack]) -> None:
             a, b = value(first), value(other)
             if a != b:
                 raise UsageError(
-                    f"Packs '{first.id}' and '{other.id}' cannot be averaged: their {key} differs "
+                    f"Packs '{first.id}' and '{other.id}' cannot be averaged: they differ in {key} "
                     f"({json.dumps(a)} against {json.dumps(b)}); average only continuations of one training run."
                 )
         sa, sb = first.model.state_dict(), other.model.state_dict()
         if sa.keys() != sb.keys() or any(sa[k].shape != sb[k].shape for k in sa):
-            raise UsageError(f"Packs '{first.id}' and '{other.id}' cannot be averaged: their networks' weights differ in names or shapes.")
+            raise UsageError(f"Packs '{first.id}' and '{other.id}' cannot be averaged: they differ in the names or shapes of their weights.")
 
 
 def average_packs(sources: Sequence[str | Path | Pack], weights: Sequence[float] | None = None) -> Pack:
