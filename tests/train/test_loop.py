@@ -201,3 +201,15 @@ def test_retime_stretches_the_cosine_keeps_the_warm_up_and_survives_a_checkpoint
     again.optimizer.step()
     again.scheduler.step()
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(t.cfg.lr * curve(22))
+
+
+def test_end_weight_trains_records_its_loss_and_refuses_bad_values(tmp_path, psfhs_root):
+    result = run_sync(train_iter(_tiny(tmp_path, psfhs_root, steps=2, val_every=2, run="ends", end_weight=4.0, end_radius=3.0)))
+    manifest = json.loads((result.pack_path / "manifest.json").read_text())
+    assert "weighted 1 + 4.0 x a Gaussian (sigma 3.0 px) at the long-axis ends of class 1" in manifest["training"]["loss"]
+    from medseg.train.loop import _Trainer
+
+    with pytest.raises(UsageError, match="not a foreground class"):
+        _Trainer(_tiny(tmp_path, psfhs_root, steps=1, end_weight=1.0, end_class=3))
+    with pytest.raises(UsageError, match="must be at least 0"):
+        _Trainer(_tiny(tmp_path, psfhs_root, steps=1, end_weight=-1.0))

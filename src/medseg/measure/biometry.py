@@ -242,6 +242,16 @@ def _farthest_pair(ps: np.ndarray) -> tuple[int, int]:
     raise AssertionError("unreachable: a maximal pair has both ends on the contour")
 
 
+def long_axis(mask: np.ndarray) -> tuple[Point, Point] | None:
+    """The two ends of a structure's long axis as the evaluator takes them (steps 1-3: the farthest pair of
+    points of the largest outer contour, first pair in contour order), or ``None`` for fewer than two points."""
+    contour = largest_contour(mask)
+    if contour is None or len(contour) < 2:
+        return None
+    i, j = _farthest_pair(contour)
+    return _pt(contour[i]), _pt(contour[j])
+
+
 def _tangent(v: np.ndarray, fh: np.ndarray) -> Point | None:
     """Step 6 of the module doc, with the evaluator's float arithmetic replicated exactly."""
     order = np.argsort(-fh[:, 1], kind="stable")
@@ -333,4 +343,4 @@ def biometry_errors(pred: Biometry, ref: Biometry) -> dict[str, float | None]:
     return {"aop_error": abs(pred.aop - ref.aop), "hsd_error": abs(pred.hsd - ref.hsd)}
 
 
-__all__ = ["Biometry", "STATUS_REASONS", "aop_from_points", "aop_hsd", "biometry_errors", "largest_contour", "outer_contours"]
+__all__ = ["Biometry", "STATUS_REASONS", "aop_from_points", "aop_hsd", "biometry_errors", "largest_contour", "long_axis", "outer_contours"]

@@ -41,7 +41,7 @@ from medseg.normalise import Normaliser
 from medseg.train.augment import NONE, AugmentConfig
 from medseg.train.datasets import SegmentationDataset, TrainSamples, balance_sources, evenly, folder_cases
 from medseg.train.evaluate import EvalOptions, evaluate_iter, headline, mean_dice, write_report
-from medseg.train.losses import DiceCELoss
+from medseg.train.losses import DiceCELoss, axis_end_weights
 from medseg.train.packs import Pack, load_pack, save_pack
 from medseg.train.recipes import Recipe, get_recipe
 
@@ -103,6 +103,9 @@ class TrainConfig:
     threads: int | None = None
     final_eval: bool = True
     final_eval_limit: int | None = None  # evaluate the pack on this many validation cases (default all)
+    end_weight: float = 0.0  # extra cross-entropy weight at the two ends of class end_class's long axis (AoP hinges on them); 0 = off
+    end_class: int = 1  # class index whose long-axis ends are weighted (1 = pubic symphysis in psfhs)
+    end_radius: float = 4.0  # sigma in pixels (of the training crop) of the weight bump at each end
     interactive: str | None = None  # train a click-guided variant with this click encoding ("disks"): medseg.train.interactive
     command: str = ""
 
@@ -254,6 +257,10 @@ class _Trainer:
         self.ckpt_path = self.run_dir / CHECKPOINT
         if cfg.keep not in ("best", "last"):
             raise UsageError(f"Unknown --keep '{cfg.keep}': use best (the best weights on validation) or last (the final ones).")
+        if cfg.end_weight < 0 or cfg.end_radius <= 0:
+            raise UsageError(f"--end-weight {cfg.end_weight} and --end-radius {cfg.end_radius} must be at least 0 and above 0.")
+        if cfg.end_weight > 0 and not 0 < cfg.end_class < self.recipe.num_classes:
+            raise UsageError(f"--end-class {cfg.end_class} is not a foreground class of this dataset: use 1 to {self.recipe.num_classes - 1}.")
         train_cases = folder_cases(cfg.train_folder) if cfg.train_folder else self.recipe.cases("train", cfg.data_root)
         if cfg.train_sources:
             known = sorted({c.source for c in train_cases})
@@ -426,7 +433,8 @@ class _Trainer:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, self.cfg):
             logits = model(x)
-        loss = self.loss_fn(logits, y)
+        weight = axis_end_weights(y, self.cfg.end_class, self.cfg.end_weight, self.cfg.end_radius) if self.cfg.end_weight > 0 else None
+        loss = self.loss_fn(logits, y, weight)
         if self.scaler is not None and model is self.model:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(optimizer)
@@ -611,7 +619,8 @@ class _Trainer:
             "mpp": r.mpp,
             "optimiser": f"AdamW (lr {cfg.lr}, weight decay {cfg.weight_decay}, none on 1-D parameters)",
             "schedule": f"linear warm-up {self.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr",
-            "loss": "cross-entropy + soft Dice (foreground classes, batch Dice)",
+            "loss": "cross-entropy + soft Dice (foreground classes, batch Dice)"
+            + (f"; cross-entropy weighted 1 + {cfg.end_weight} x a Gaussian (sigma {cfg.end_radius} px) at the long-axis ends of class {cfg.end_class}" if cfg.end_weight > 0 else ""),
             "augmentation": self.augment_config.to_dict() if cfg.augment else None,
             "seed": cfg.seed,
             "best_step": self.best_step,
