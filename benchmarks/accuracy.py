@@ -153,6 +153,23 @@ def lineage(manifest: dict[str, Any], runs_root: Path) -> tuple[list[dict[str, A
     return chain[::-1], notes
 
 
+def average_stages(averaged: list[dict[str, Any]], command: str | None) -> tuple[list[str | None], list[str], list[str]]:
+    """Commands, bracketed steps and minutes that a ``medseg average`` adds after the first pack's own
+    stages: the first pack's command (or, for an average of averages, its stages in turn), the other
+    packs' training commands, then the averaging command."""
+    first = averaged[0]
+    if first.get("averaged_from"):
+        commands, steps, minutes = average_stages(first["averaged_from"], first.get("command"))
+    else:
+        commands, steps, minutes = [first.get("command")], [], []
+    for parent in averaged[1:]:
+        commands.append(parent.get("command"))
+        steps.append(f"({parent.get('steps', '?')})")
+        minutes.append(f"({parent['seconds'] / 60:.1f})" if parent.get("seconds") else "(?)")
+    commands.append(command)
+    return commands, steps, minutes
+
+
 def training_cells(manifest: dict[str, Any], runs_root: Path) -> dict[str, str]:
     """Steps, minutes and exact commands of every training stage (a fine-tuned pack lists its start too;
     a pack written by ``medseg average`` lists the stages of the first pack it averaged, the other packs'
@@ -164,12 +181,10 @@ def training_cells(manifest: dict[str, Any], runs_root: Path) -> dict[str, str]:
     minutes = [f"{t['seconds'] / 60:.1f}" if "seconds" in t else "?" for t in ts]
     averaged = manifest.get("averaged_from") or []
     if averaged:  # the last manifest of the chain is the average: its training record is the first pack's
-        commands = commands[:-1] + [averaged[0].get("command")]
-        for parent in averaged[1:]:
-            commands.append(parent.get("command"))
-            steps.append(f"({parent.get('steps', '?')})")
-            minutes.append(f"({parent['seconds'] / 60:.1f})" if parent.get("seconds") else "(?)")
-        commands.append(manifest.get("command"))
+        more_commands, more_steps, more_minutes = average_stages(averaged, manifest.get("command"))
+        commands = commands[:-1] + more_commands
+        steps += more_steps
+        minutes += more_minutes
     commands = [f"`{c}`" for c in commands if c]
     if len(commands) > 1:
         commands = [f"{i + 1}. {c}" for i, c in enumerate(commands)]

@@ -40,6 +40,15 @@ def test_the_average_is_the_weighted_mean_of_the_weights(tmp_path):
     assert torch.equal(a.model.state_dict()[floats[0]], sa[floats[0]])
 
 
+def test_an_average_of_an_average_keeps_the_whole_tree(tmp_path):
+    a, b, c = (load_pack(_pack(tmp_path, n, k)) for k, n in ((1, "a"), (2, "b"), (3, "c")))
+    ab = load_pack(save_pack(average_packs([a, b]), tmp_path / "ab", dtype=torch.float32))
+    abc = average_packs([ab, c])
+    first, second = abc.manifest["averaged_from"]
+    assert first["sha256"] == ab.sha256 and [x["sha256"] for x in first["averaged_from"]] == [a.sha256, b.sha256]
+    assert "averaged_from" not in second and second["sha256"] == c.sha256
+
+
 def test_a_pack_averaged_with_itself_predicts_the_same(tmp_path):
     folder = _pack(tmp_path, "a", 3)
     a = load_pack(folder)

@@ -108,6 +108,7 @@ def average_packs(sources: Sequence[str | Path | Pack], weights: Sequence[float]
             "command": p.manifest.get("command"),  # how it was trained (its training record is kept only for the first)
             "steps": p.manifest.get("training", {}).get("steps"),
             "seconds": p.manifest.get("training", {}).get("seconds"),
+            **({"averaged_from": p.manifest["averaged_from"]} if p.manifest.get("averaged_from") else {}),  # an average of averages keeps the whole tree
         }
         for s, p, w in zip(sources, packs, share)
     ]
